@@ -1,0 +1,154 @@
+"""Data config (`config.data`) and its start-up validation.
+
+`data_config()` holds every field with its meaning; `shapes_tiny_data()` is the
+tiny CPU default (shapes at 16 px through the identity encoder: latent 16x16x3, so
+with model.patch_size=2 an image is 64 patches). `validate_data_config(config)`
+takes the whole experiment config because several checks compare data fields with
+model/diffusion/train fields.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from tfusion.config import ConfigError
+
+IMAGE_SOURCES = ("shapes", "digits", "folder", "array_record", "tfds", "none")
+TEXT_SOURCES = ("captions", "files", "none")
+
+
+def data_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # --- rows (the batch contract's L and M; B is config.train.batch_size) ---
+    c.seq_len = 256  # L: sequence positions per packed row
+    c.max_images_per_row = 4  # M: image slots per row; rows never hold more images
+    # --- image-caption source ---
+    c.source = "shapes"  # one of IMAGE_SOURCES; "none" = text-only training
+    c.image_size = 16  # images are centre-cropped and resized to this many px (square)
+    c.encoder = "identity"  # latent encoder registry key (data_pipelines/encoders.py)
+    c.data_dir = ""  # folder source: images + captions.jsonl; array_record: file glob
+    c.tfds_name = ""  # tfds source: dataset name read with tfds.data_source (no download)
+    c.tfds_data_dir = ""  # tfds source: data_dir holding the prepared dataset
+    c.tfds_split = "train"  # tfds source: split to read (held-out rows come from it too)
+    c.tfds_image_key = "image"  # tfds source: feature holding the image
+    c.tfds_caption_key = "caption"  # tfds source: feature holding the caption (str/bytes)
+    c.num_examples = 1_000_000  # shapes: procedural training set size (any index renders)
+    c.shapes_max_per_image = 3  # shapes: 1..this many shapes per image (<= 9 grid cells)
+    # Examples held out for make_eval_iterator: the first `eval_examples` records of
+    # a file source, or a separately seeded shapes set (never seen in training).
+    c.eval_examples = 256
+    c.eval_batches = 4  # make_eval_iterator yields exactly this many batches
+    # --- documents (paper: caption first 80%, image first 20% with noise limiting) ---
+    c.image_first_fraction = 0.2  # image-first docs get t_max = diffusion.noise_limit_t
+    # Interleaved documents: this fraction of image docs hold several captioned images
+    # (2..max_images_per_document), each image followed by its own caption order draw.
+    c.multi_image_fraction = 0.0
+    c.max_images_per_document = 2
+    # --- text-only source ---
+    c.text_source = "captions"  # "captions": captions of the image source as plain text;
+    #                             "files": text/JSONL files at text_files; "none"
+    c.text_files = ""  # glob of .txt (one document per non-empty line) or .jsonl files
+    c.text_jsonl_key = "text"  # JSONL field holding the document text
+    # --- mixture (paper: 1:1 text : image tokens) ---
+    # Share of packed tokens that come from text-only documents. Sampling weights
+    # are this share divided by each stream's expected tokens per document (measured
+    # on the first `mixture_probe_docs` documents), so 0.5 means equal token counts.
+    c.text_token_share = 0.5
+    c.mixture_probe_docs = 64
+    # --- tokenizer ---
+    c.tokenizer = "builtin"  # "builtin" (trained from built-in captions) or a .model path
+    c.tokenizer_vocab_size = 512  # builtin tokenizer size (incl. 256 byte-fallback pieces)
+    c.tokenizer_cache_dir = ""  # where the builtin model is cached; "" = ~/.cache/tfusion
+    # --- packing ---
+    # Rows kept open by the first-fit packer; more rows = denser packing, more memory.
+    # 0 = 2 * local batch size.
+    c.packing_open_rows = 0
+    c.min_text_chunk = 16  # text documents are split to fill a row only in chunks >= this
+    # --- throughput ---
+    c.shuffle = True  # shuffle records (per epoch, seeded by train.seed)
+    c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
+    c.worker_buffer_size = 2  # batches each worker prepares ahead
+    return c
+
+
+def shapes_tiny_data() -> ml_collections.ConfigDict:
+    """Tiny CPU run: shapes at 16 px, identity latents 16x16x3 (64 patches at patch 2).
+
+    Pair with model latent_height=latent_width=16, latent_channels=3, patch_size=2 and
+    vocab_size >= 512 (builtin tokenizer 512 pieces + BOI/EOI appended = 514).
+    """
+    c = data_config()
+    c.seq_len = 256
+    c.max_images_per_row = 4
+    c.image_size = 16
+    c.multi_image_fraction = 0.1
+    c.tokenizer_vocab_size = 512
+    return c
+
+
+def _fail(field: str, message: str):
+    raise ConfigError(f"data.{field}", message)
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first bad `data.` field of a full experiment config."""
+    d, model = config.data, config.model
+    for field in ("seq_len", "image_size", "eval_batches", "max_images_per_document",
+                  "tokenizer_vocab_size", "mixture_probe_docs", "worker_buffer_size"):
+        if not isinstance(d[field], int) or d[field] <= 0:
+            _fail(field, f"must be a positive int, got {d[field]!r}")
+    for field in ("max_images_per_row", "num_workers", "packing_open_rows", "min_text_chunk",
+                  "eval_examples", "multi_image_fraction"):
+        if d[field] < 0:
+            _fail(field, f"must be >= 0, got {d[field]!r}")
+    if d.source not in IMAGE_SOURCES:
+        _fail("source", f"unknown {d.source!r}; choose from {IMAGE_SOURCES}")
+    if d.text_source not in TEXT_SOURCES:
+        _fail("text_source", f"unknown {d.text_source!r}; choose from {TEXT_SOURCES}")
+    if d.source == "none" and d.text_source in ("none", "captions"):
+        _fail("text_source", "text-only training needs text_source='files'")
+    if d.text_source == "files" and not d.text_files:
+        _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
+    if d.source in ("folder", "array_record") and not d.data_dir:
+        _fail("data_dir", f"source={d.source!r} needs data_dir")
+    if d.source == "tfds" and not d.tfds_name:
+        _fail("tfds_name", "source='tfds' needs tfds_name")
+    for field in ("image_first_fraction", "text_token_share"):
+        if not 0.0 <= d[field] <= 1.0:
+            _fail(field, f"{d[field]} outside [0, 1]")
+    if d.multi_image_fraction > 1.0:
+        _fail("multi_image_fraction", f"{d.multi_image_fraction} outside [0, 1]")
+    if not 1 <= d.shapes_max_per_image <= 9:
+        _fail("shapes_max_per_image", f"{d.shapes_max_per_image} outside [1, 9] (3x3 grid)")
+    if config.train.batch_size <= 0:
+        raise ConfigError("train.batch_size", f"must be positive, got {config.train.batch_size}")
+    _validate_against_model(config)
+
+
+def _validate_against_model(config: ml_collections.ConfigDict) -> None:
+    """Checks that need the encoder, the tokenizer or the model config."""
+    # Late imports: these modules import this one for their field names.
+    from data_pipelines import encoders, tokenizer
+
+    d, model = config.data, config.model
+    if d.source != "none":
+        if d.encoder not in encoders.ENCODERS:
+            _fail("encoder", f"unknown {d.encoder!r}; choose from {tuple(encoders.ENCODERS)}")
+        latent = encoders.latent_shape(d.encoder, d.image_size)
+        expected = (model.latent_height, model.latent_width, model.latent_channels)
+        if latent != expected:
+            _fail("image_size", f"encoder {d.encoder!r} at {d.image_size} px gives latents "
+                                f"{latent}, but model latent (H, W, C) is {expected}")
+        patches = (latent[0] // model.patch_size) * (latent[1] // model.patch_size)
+        if d.max_images_per_row < 1:
+            _fail("max_images_per_row", "image training needs at least one image slot")
+        if patches + 4 > d.seq_len:
+            _fail("seq_len", f"{d.seq_len} cannot hold one {patches}-patch image document")
+        if d.max_images_per_document > d.max_images_per_row:
+            _fail("max_images_per_document", f"{d.max_images_per_document} > "
+                                              f"max_images_per_row={d.max_images_per_row}")
+    tok = tokenizer.build_tokenizer(config)
+    if tok.vocab_size > model.vocab_size:
+        _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but "
+                           f"model.vocab_size is {model.vocab_size}")
+    if tok.pad_id != model.pad_id:
+        _fail("tokenizer", f"tokenizer pad id {tok.pad_id} != model.pad_id {model.pad_id}")

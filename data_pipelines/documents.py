@@ -1,0 +1,114 @@
+"""Examples -> tfusion.batch Documents, with all randomness drawn from (seed, index).
+
+Image documents (one caption order drawn per image):
+  caption first (1 - image_first_fraction):  BOS caption BOI <image> EOI EOS, t_max = T-1
+  image first (image_first_fraction):        BOS BOI <image> EOI caption EOS,
+                                             t_max = diffusion.noise_limit_t (noise limiting)
+  caption dropped (cfg_dropout, for CFG):    BOS BOI <image> EOI EOS, t_max = T-1
+Interleaved documents (multi_image_fraction) chain 2..max_images_per_document such
+pieces between one BOS and one EOS. Text documents are BOS text EOS.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from data_pipelines import encoders
+from data_pipelines.images import prepare_image
+from data_pipelines.records import BadRecord, DocItem, ImageCaptionRecord, TextRecord, clean_text
+from data_pipelines.tokenizer import Tokenizer
+from tfusion.batch import ImageSegment
+
+_IMAGE_STREAM, _TEXT_STREAM = 1, 2  # rng stream ids: image and text docs draw independently
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentOptions:
+    image_size: int
+    encoder: str
+    image_first_fraction: float
+    cfg_dropout: float
+    noise_limit_t: int
+    full_t_max: int  # diffusion.num_train_steps - 1
+    multi_image_fraction: float
+    max_images_per_document: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config) -> "DocumentOptions":
+        d, diffusion = config.data, config.diffusion
+        return cls(image_size=d.image_size, encoder=d.encoder,
+                   image_first_fraction=d.image_first_fraction,
+                   cfg_dropout=diffusion.cfg_dropout, noise_limit_t=diffusion.noise_limit_t,
+                   full_t_max=diffusion.num_train_steps - 1,
+                   multi_image_fraction=d.multi_image_fraction,
+                   max_images_per_document=d.max_images_per_document, seed=config.train.seed)
+
+
+class DocumentBuilder:
+    def __init__(self, tokenizer: Tokenizer, options: DocumentOptions):
+        self.tok, self.opt = tokenizer, options
+        self.encode = encoders.get(options.encoder).encode
+
+    def _caption_ids(self, raw) -> tuple[list[int], tuple[str, ...]]:
+        text, repairs = clean_text(raw, "empty_caption")
+        return self.tok.encode(text), repairs
+
+    def _image(self, record: ImageCaptionRecord):
+        if record.error:
+            raise BadRecord(record.error)
+        pixels, repairs = prepare_image(record.image, self.opt.image_size)
+        caption, caption_repairs = self._caption_ids(record.caption)
+        return self.encode(pixels), caption, repairs + caption_repairs
+
+    def image_document(self, index: int, record: ImageCaptionRecord, pool) -> DocItem:
+        """Document `index` of an image stream; extra images of interleaved documents
+        come from `pool` (the same stream, any index) at seeded random positions."""
+        opt = self.opt
+        rng = np.random.default_rng([opt.seed, _IMAGE_STREAM, index])
+        records = [record]
+        if opt.max_images_per_document > 1 and rng.random() < opt.multi_image_fraction:
+            extra = int(rng.integers(1, opt.max_images_per_document))
+            records += [pool[int(j)] for j in rng.integers(0, min(len(pool), 2**62), extra)]
+        repairs: tuple[str, ...] = ()
+        segments, pending = [], [self.tok.bos_id]
+        for rec in records:
+            try:
+                latent, caption, fixes = self._image(rec)
+            except BadRecord as e:
+                return DocItem.skipped(e.reason, repairs)
+            repairs += fixes
+            image_first = rng.random() < opt.image_first_fraction
+            dropped = rng.random() < opt.cfg_dropout
+            t_max = opt.full_t_max
+            if dropped:
+                before, after = [], []
+            elif image_first:
+                before, after, t_max = [], caption, opt.noise_limit_t
+            else:
+                before, after = caption, []
+            segments.append(np.asarray(pending + before + [self.tok.boi_id], np.int32))
+            segments.append(ImageSegment(latent=latent, t_max=t_max))
+            pending = [self.tok.eoi_id] + after
+        segments.append(np.asarray(pending + [self.tok.eos_id], np.int32))
+        return DocItem(document=segments, repairs=repairs)
+
+    def text_document(self, record: TextRecord) -> DocItem:
+        if record.error:
+            return DocItem.skipped(record.error)
+        try:
+            text, repairs = clean_text(record.text, "empty_text")
+        except BadRecord as e:
+            return DocItem.skipped(e.reason)
+        ids = [self.tok.bos_id] + self.tok.encode(text) + [self.tok.eos_id]
+        return DocItem(document=[np.asarray(ids, np.int32)], repairs=repairs)
+
+
+def image_documents(records: grain.MapDataset, builder: DocumentBuilder) -> grain.MapDataset:
+    return records.map_with_index(lambda i, r: builder.image_document(i, r, records))
+
+
+def text_documents(records: grain.MapDataset, builder: DocumentBuilder) -> grain.MapDataset:
+    return records.map(builder.text_document)

@@ -1,0 +1,218 @@
+"""First-fit packing of documents (with images) into contract batches, with exact state.
+
+grain's packers split every feature at row boundaries, which would cut images, so
+this packer is our own IterDataset over a MapDataset of DocItems:
+
+  * A pool of `open_rows` rows stays open. A document goes into the first open row
+    with room for its length and its images; if none has room, a new row opens,
+    and when the pool is full the fullest open row is closed first.
+  * Image documents are never split. One longer than a row (or with more images
+    than a row has slots) is skipped and counted.
+  * Text-only documents that fit nowhere are split: the head fills the open row
+    with the most room (if that room is >= min_text_chunk), the rest goes on.
+    Each chunk is its own segment (positions restart), as in concat-and-split.
+  * Closed rows are batched in closing order and laid out by tfusion.batch.assemble_rows.
+
+State is small and JSON-able: the next document index and each open/closed row as
+(document index, start, end) pieces. set_state re-reads those documents from the
+MapDataset (deterministic by index), so a restored iterator continues exactly.
+
+Each batch carries `STATS_KEY`: counters accumulated since the previous batch
+(documents, skipped/<reason>, repaired/<reason>, tokens); the pipeline pops it.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import grain
+
+from data_pipelines.records import DocItem
+from tfusion.batch import BatchSpec, assemble_rows, document_images, document_length
+
+STATS_KEY = "__pipeline_stats__"
+
+
+class PackingIterDataset(grain.IterDataset):
+    def __init__(self, parent: grain.MapDataset, spec: BatchSpec, pad_id: int,
+                 open_rows: int = 0, min_text_chunk: int = 16):
+        super().__init__(parent)
+        self.spec, self.pad_id = spec, pad_id
+        self.open_rows = open_rows or 2 * spec.batch_size
+        self.min_text_chunk = min_text_chunk
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """mp_prefetch workers each pack a disjoint slice of the documents."""
+        del sequential_slice  # our parent is always random-access
+        self._parents = (self._parent.slice(sl),)
+
+    def __iter__(self) -> "PackingIterator":
+        return PackingIterator(self._parent, self)
+
+
+class _Row:
+    def __init__(self, pieces=None, used=0, images=0):
+        self.pieces: list[list[int]] = pieces or []  # [doc index, start, end]
+        self.used, self.images = used, images
+
+    def to_state(self) -> list:
+        return [self.used, self.images, [list(p) for p in self.pieces]]
+
+    @classmethod
+    def from_state(cls, state) -> "_Row":
+        used, images, pieces = state
+        return cls([list(p) for p in pieces], int(used), int(images))
+
+
+class PackingIterator(grain.DatasetIterator):
+    def __init__(self, docs: grain.MapDataset, options: PackingIterDataset):
+        super().__init__()
+        self._docs = docs
+        self._spec, self._pad_id = options.spec, options.pad_id
+        self._max_open, self._min_chunk = options.open_rows, options.min_text_chunk
+        self._p = options.spec.patches_per_image
+        self._next_index = 0
+        self._open: list[_Row] = []
+        self._closed: list[_Row] = []
+        self._counts: collections.Counter = collections.Counter()
+        self._cache: dict[int, Any] = {}  # doc index -> Document of pieces in rows
+
+    # --- reading documents -------------------------------------------------------
+
+    def _read(self, index: int) -> DocItem:
+        try:
+            item = self._docs[index]
+        except Exception as e:  # a bug upstream must not kill training: count it
+            return DocItem.skipped(f"unexpected_{type(e).__name__}")
+        if not isinstance(item, DocItem):
+            return DocItem.skipped("not_a_document")
+        return item
+
+    def _add(self, index: int, item: DocItem) -> None:
+        for repair in item.repairs:
+            self._counts[f"repaired/{repair}"] += 1
+        if item.document is None:
+            self._counts[f"skipped/{item.skip_reason}"] += 1
+            return
+        doc = item.document
+        n, k = document_length(doc, self._p), document_images(doc)
+        spec = self._spec
+        if k > spec.max_images:
+            self._counts["skipped/too_many_images"] += 1
+            return
+        if k and n > spec.seq_len:
+            self._counts["skipped/too_long_with_image"] += 1
+            return
+        if n == 0:
+            self._counts["skipped/empty_document"] += 1
+            return
+        self._counts["documents"] += 1
+        self._cache[index] = doc
+        if k:
+            self._place(self._fitting_row(n, k) or self._new_row(), [index, 0, n], n, k)
+        else:
+            self._place_text(index, n)
+
+    # --- placement -----------------------------------------------------------------
+
+    def _fitting_row(self, n: int, k: int):
+        for row in self._open:
+            if self._spec.seq_len - row.used >= n and row.images + k <= self._spec.max_images:
+                return row
+        return None
+
+    def _new_row(self) -> _Row:
+        if len(self._open) >= self._max_open:
+            fullest = max(self._open, key=lambda r: r.used)  # first of equals
+            self._close(fullest)
+        row = _Row()
+        self._open.append(row)
+        return row
+
+    def _close(self, row: _Row) -> None:
+        self._open.remove(row)
+        self._closed.append(row)
+
+    def _place(self, row: _Row, piece: list[int], n: int, k: int) -> None:
+        row.pieces.append(piece)
+        row.used += n
+        row.images += k
+        if row.used == self._spec.seq_len:
+            self._close(row)
+
+    def _place_text(self, index: int, n: int) -> None:
+        start, split = 0, False
+        while start < n:
+            rest = n - start
+            row = self._fitting_row(rest, 0)
+            if row is None:
+                roomiest = max(self._open, key=lambda r: self._spec.seq_len - r.used,
+                               default=None)
+                room = self._spec.seq_len - roomiest.used if roomiest else 0
+                if room >= self._min_chunk:
+                    row, rest = roomiest, room
+                else:
+                    row, rest = self._new_row(), min(rest, self._spec.seq_len)
+            self._place(row, [index, start, start + rest], rest, 0)
+            split = split or start + rest < n
+            start += rest
+        self._counts["split_text_documents"] += split
+
+    # --- batches ---------------------------------------------------------------------
+
+    def _row_documents(self, row: _Row) -> list:
+        docs = []
+        for index, start, end in row.pieces:
+            doc = self._cache[index]
+            docs.append(doc if document_images(doc) else [doc[0][start:end]])
+        return docs
+
+    def __next__(self) -> dict:
+        b = self._spec.batch_size
+        while len(self._closed) < b:
+            if self._next_index >= len(self._docs):  # finite input: flush what is left
+                if not self._open and not self._closed:
+                    raise StopIteration
+                while self._open:
+                    self._close(self._open[0])
+                break
+            index = self._next_index
+            self._next_index += 1
+            self._add(index, self._read(index))
+        rows, self._closed = self._closed[:b], self._closed[b:]
+        rows += [_Row() for _ in range(b - len(rows))]
+        batch = assemble_rows([self._row_documents(r) for r in rows], self._spec, self._pad_id)
+        self._counts["batches"] += 1
+        self._counts["rows"] += b
+        self._counts["row_tokens"] += b * self._spec.seq_len
+        self._counts["nonpad_tokens"] += sum(r.used for r in rows)
+        self._counts["images"] += sum(r.images for r in rows)
+        batch[STATS_KEY] = dict(self._counts)
+        self._counts = collections.Counter()
+        self._drop_unreferenced()
+        return batch
+
+    def _referenced(self) -> set[int]:
+        return {p[0] for row in self._open + self._closed for p in row.pieces}
+
+    def _drop_unreferenced(self) -> None:
+        keep = self._referenced()
+        self._cache = {i: d for i, d in self._cache.items() if i in keep}
+
+    # --- state -----------------------------------------------------------------------
+
+    def get_state(self) -> dict:
+        return {
+            "next_index": self._next_index,
+            "open_rows": [r.to_state() for r in self._open],
+            "closed_rows": [r.to_state() for r in self._closed],
+            "counts": dict(self._counts),
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._next_index = int(state["next_index"])
+        self._open = [_Row.from_state(s) for s in state["open_rows"]]
+        self._closed = [_Row.from_state(s) for s in state["closed_rows"]]
+        self._counts = collections.Counter({k: int(v) for k, v in state["counts"].items()})
+        # Documents are a pure function of their index: re-read the ones in rows.
+        self._cache = {i: self._read(i).document for i in sorted(self._referenced())}

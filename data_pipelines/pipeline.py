@@ -1,0 +1,160 @@
+"""The trainer's entry points: make_train_iterator / make_eval_iterator.
+
+Graph (grain), per split:
+
+  image records --shuffle--repeat--> image documents --\
+                                                        mix(weights) -> [process shard]
+  text records  --shuffle--repeat--> text documents  --/      -> PackingIterDataset (B_local rows)
+                                                              -> mp_prefetch (num_workers)
+
+Everything before the packer is a MapDataset, so any document is a pure function of
+(config, seed, index); sharding takes every process_count-th document; mp_prefetch
+workers each pack every num_workers-th document of that shard. A given
+(config, process_count, num_workers) therefore always yields the same batches, and
+restored state continues them exactly.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Iterator, Optional
+
+import grain
+import numpy as np
+
+from data_pipelines import mixture, sources
+from data_pipelines.documents import (DocumentBuilder, DocumentOptions, image_documents,
+                                      text_documents)
+from data_pipelines.packing import STATS_KEY, PackingIterDataset
+from data_pipelines.stats import PipelineStats
+from data_pipelines.tokenizer import Tokenizer, build_tokenizer
+from tfusion.batch import BatchSpec
+
+
+def batch_spec(config, process_count: int = 1) -> BatchSpec:
+    """The contract shapes of one process's batches."""
+    from data_pipelines import encoders
+
+    d, model = config.data, config.model
+    if config.train.batch_size % process_count:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
+                         f"process_count={process_count}")
+    if d.source == "none":
+        latent, slots = (model.latent_height, model.latent_width, model.latent_channels), 0
+    else:
+        latent, slots = encoders.latent_shape(d.encoder, d.image_size), d.max_images_per_row
+    return BatchSpec(batch_size=config.train.batch_size // process_count, seq_len=d.seq_len,
+                     max_images=slots, latent_shape=latent, patch_size=model.patch_size)
+
+
+def document_streams(config, split: str, tokenizer: Tokenizer,
+                     image_records: Optional[grain.MapDataset] = None,
+                     text_records: Optional[grain.MapDataset] = None):
+    """(image document stream or None, text document stream or None), both infinite.
+
+    `image_records` / `text_records` override the configured sources (tests, benchmarks).
+    """
+    d = config.data
+    builder = DocumentBuilder(tokenizer, DocumentOptions.from_config(config))
+    seed = config.train.seed
+    shuffle = d.shuffle and split == "train"
+
+    def prepare(records: grain.MapDataset, salt: int) -> grain.MapDataset:
+        if shuffle:
+            records = records.shuffle(seed=(seed * 7919 + salt) % 2**32)
+        return records.repeat()  # reshuffled every epoch
+
+    if image_records is None and d.source != "none":
+        image_records = sources.image_source(d, split)
+    if text_records is None and d.text_source != "none":
+        text_records = sources.text_source(d, split)
+    images = image_documents(prepare(image_records, 1), builder) if image_records else None
+    texts = text_documents(prepare(text_records, 2), builder) if text_records else None
+    return images, texts
+
+
+class PipelineIterator(Iterator[dict]):
+    """Yields contract batches (dict of numpy arrays); get_state/set_state are JSON-able.
+
+    Pipeline statistics arrive inside each batch from the (possibly remote) packers
+    and are summed here, so they cover exactly the batches this iterator returned.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, pad_id: int,
+                 weights: dict, num_batches: Optional[int] = None):
+        self.spec, self.pad_id, self.mixture_weights = spec, pad_id, weights
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self._num_batches = num_batches
+        self._produced = 0
+        self._totals: collections.Counter = collections.Counter()
+
+    def __next__(self) -> dict:
+        if self._num_batches is not None and self._produced >= self._num_batches:
+            raise StopIteration
+        batch = next(self._it)
+        self._totals.update(batch.pop(STATS_KEY))
+        self._produced += 1
+        return {k: np.asarray(v) for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"grain": self._it.get_state(), "totals": dict(self._totals),
+                "produced": self._produced}
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state["grain"])
+        self._totals = collections.Counter({k: int(v) for k, v in state["totals"].items()})
+        self._produced = int(state["produced"])
+
+    def stats(self) -> PipelineStats:
+        return PipelineStats.from_counts(self._totals)
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close:
+            close()
+
+
+def _ensure_absl_flags_parsed() -> None:
+    # grain's mp_prefetch reads absl flags; a trainer that is not an absl app has
+    # not parsed them, and reading unparsed flags raises.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _make_iterator(config, split: str, process_index: int, process_count: int,
+                   num_batches: Optional[int], image_records=None, text_records=None
+                   ) -> PipelineIterator:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    d = config.data
+    tokenizer = build_tokenizer(config)
+    spec = batch_spec(config, process_count)
+    images, texts = document_streams(config, split, tokenizer, image_records, text_records)
+    docs, weights = mixture.mix_streams(images, texts, d.text_token_share,
+                                        d.mixture_probe_docs, spec.patches_per_image)
+    docs = docs[process_index::process_count]
+    dataset = PackingIterDataset(docs, spec, tokenizer.pad_id, d.packing_open_rows,
+                                 d.min_text_chunk)
+    workers = d.num_workers if split == "train" else 0
+    if workers > 0:
+        _ensure_absl_flags_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=workers, per_worker_buffer_size=d.worker_buffer_size))
+    return PipelineIterator(dataset, spec, tokenizer.pad_id, weights, num_batches)
+
+
+def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
+                        image_records=None, text_records=None) -> PipelineIterator:
+    """Infinite iterator of this process's batches (train.batch_size // process_count rows)."""
+    return _make_iterator(config, "train", process_index, process_count, None,
+                          image_records, text_records)
+
+
+def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
+                       image_records=None, text_records=None) -> PipelineIterator:
+    """Held-out split, unshuffled, in-process: exactly data.eval_batches batches, the
+    same ones on every call."""
+    return _make_iterator(config, "eval", process_index, process_count,
+                          config.data.eval_batches, image_records, text_records)

@@ -1,0 +1,71 @@
+"""What flows between stages: raw records from sources, and documents to the packer.
+
+Sources yield `ImageCaptionRecord` / `TextRecord` (raw bytes or arrays, possibly
+broken). Document builders turn each into a `DocItem`: either a tfusion.batch
+Document or a skip reason. Repairs (e.g. a grayscale image converted to RGB) travel
+with the DocItem, so the packer can count every record exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from tfusion.batch import Document
+
+
+class BadRecord(Exception):
+    """A record cannot be used; `reason` is the statistics key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class ImageCaptionRecord:
+    image: Any  # encoded bytes, uint8 array (H, W[, C]) or PIL image; None if unreadable
+    caption: Any  # str or raw bytes (decoded leniently later)
+    attributes: Optional[list] = None  # ground truth, when the source knows it
+    error: str = ""  # set by a source that could not read the record at all
+
+
+@dataclasses.dataclass
+class TextRecord:
+    text: Any  # str or raw bytes
+    error: str = ""
+
+
+@dataclasses.dataclass
+class DocItem:
+    """One document for the packer, or the reason it was skipped."""
+
+    document: Optional[Document] = None
+    skip_reason: str = ""
+    repairs: tuple[str, ...] = ()
+
+    @classmethod
+    def skipped(cls, reason: str, repairs: tuple[str, ...] = ()) -> "DocItem":
+        return cls(document=None, skip_reason=reason, repairs=repairs)
+
+
+def clean_text(raw: Any, empty_reason: str) -> tuple[str, tuple[str, ...]]:
+    """Decodes bytes (invalid UTF-8 replaced and counted) and strips whitespace.
+
+    Raises BadRecord(empty_reason) when nothing is left.
+    """
+    repairs: tuple[str, ...] = ()
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw)
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raw = raw.decode("utf-8", errors="replace")
+            repairs = ("non_utf8_text",)
+    if raw is None:
+        raise BadRecord(empty_reason)
+    if not isinstance(raw, str):
+        raise BadRecord("text_not_a_string", type(raw).__name__)
+    text = " ".join(raw.split())  # collapse newlines/tabs: captions are one line
+    if not text:
+        raise BadRecord(empty_reason)
+    return text, repairs

@@ -1,0 +1,115 @@
+"""Sources by name -> raw record MapDatasets for a split ("train" or "eval").
+
+`image_source(data, split)` gives ImageCaptionRecords; `text_source(data, split)`
+gives TextRecords. Held-out data: file sources reserve their first
+`data.eval_examples` records for "eval"; the procedural shapes set draws eval
+scenes from another seed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import grain
+import numpy as np
+
+from data_pipelines import builtin_text, file_sources, shapes
+from data_pipelines.records import ImageCaptionRecord, TextRecord
+
+SHAPES_SPLIT_SEEDS = {"train": 0, "eval": 1}
+
+
+def _split(records: grain.MapDataset, data, split: str) -> grain.MapDataset:
+    n_eval = data.eval_examples
+    if len(records) <= n_eval:
+        raise ValueError(f"source has {len(records)} records; data.eval_examples={n_eval} "
+                         "leaves none for training")
+    return records[:n_eval] if split == "eval" else records[n_eval:]
+
+
+def _shapes_record(index: int, seed: int, max_shapes: int, px: int) -> ImageCaptionRecord:
+    scene = shapes.make_scene(seed, index, max_shapes)
+    return ImageCaptionRecord(shapes.render_scene(scene, px), scene.caption(),
+                              attributes=scene.attributes())
+
+
+def _shapes(data, split: str) -> grain.MapDataset:
+    seed, n = SHAPES_SPLIT_SEEDS[split], data.num_examples
+    if split == "eval":
+        n = data.eval_examples
+    max_shapes, px = data.shapes_max_per_image, data.image_size
+    return grain.MapDataset.range(n).map(lambda i: _shapes_record(i, seed, max_shapes, px))
+
+
+def _shapes_captions(data, split: str) -> grain.MapDataset:
+    # Captions without rendering: text-only documents cost no pixels.
+    seed = SHAPES_SPLIT_SEEDS[split] + 100  # not the paired captions of the image stream
+    n = data.eval_examples if split == "eval" else data.num_examples
+    max_shapes = data.shapes_max_per_image
+    return grain.MapDataset.range(n).map(
+        lambda i: TextRecord(shapes.make_scene(seed, i, max_shapes).caption()))
+
+
+def _digits(data, split: str) -> grain.MapDataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 intensities 0..16 -> uint8 RGB (the set is grayscale; stored as RGB so no
+    # conversion is counted as a repair).
+    images = np.repeat((digits.images * (255.0 / 16.0)).round().astype(np.uint8)[..., None],
+                       3, axis=-1)
+    pairs = list(zip(images, digits.target.tolist()))
+    records = grain.MapDataset.source(pairs).map(
+        lambda p: ImageCaptionRecord(p[0], builtin_text.digit_caption(p[1])))
+    return _split(records, data, split)
+
+
+def _tfds(data, split: str) -> grain.MapDataset:
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source(data.tfds_name, split=data.tfds_split,
+                              data_dir=data.tfds_data_dir or None, download=False)
+    image_key, caption_key = data.tfds_image_key, data.tfds_caption_key
+
+    def to_record(example) -> ImageCaptionRecord:
+        try:
+            return ImageCaptionRecord(np.asarray(example[image_key]), example[caption_key])
+        except Exception:
+            return ImageCaptionRecord(None, None, error="unreadable_record")
+
+    return _split(grain.MapDataset.source(source).map(to_record), data, split)
+
+
+def _folder(data, split):
+    return _split(file_sources.folder_records(data.data_dir), data, split)
+
+
+def _array_record(data, split):
+    return _split(file_sources.array_record_records(data.data_dir), data, split)
+
+
+IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
+    "shapes": _shapes,
+    "digits": _digits,
+    "folder": _folder,
+    "array_record": _array_record,
+    "tfds": _tfds,
+}
+
+
+def image_source(data, split: str) -> grain.MapDataset:
+    return IMAGE_SOURCES[data.source](data, split)
+
+
+def text_source(data, split: str) -> grain.MapDataset:
+    if data.text_source == "files":
+        return _split(file_sources.text_file_records(data.text_files, data.text_jsonl_key),
+                      data, split)
+    if data.text_source == "captions":
+        if data.source == "shapes":
+            return _shapes_captions(data, split)
+        # Captions of another permutation of the same split: reading a record for its
+        # caption alone is cheap (images are decoded later, only for image documents).
+        records = image_source(data, split)
+        return records.shuffle(seed=SHAPES_SPLIT_SEEDS[split] + 100).map(
+            lambda r: TextRecord(r.caption, error=r.error))
+    raise ValueError(f"no text source for data.text_source={data.text_source!r}")

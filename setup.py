@@ -1,0 +1,38 @@
+"""tfusion: pretraining Transfusion models (text next-token + image diffusion) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tfusion",
+    version="0.1.0",
+    description="Transfusion pretraining in JAX/Flax NNX: packed mixed-modality sequences, "
+                "sharded from a laptop CPU to TPU pods and GPU clusters.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfusion*", "data_pipelines*", "experiments*", "launch*"]),
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9,<5",
+        "sentencepiece>=0.2,<0.3",
+        "ml_collections>=1.0,<2",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "scikit-learn>=1.3",  # ships the bundled handwritten-digits set
+        "array-record>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tfusion-train=launch.train:run",
+        ],
+    },
+)

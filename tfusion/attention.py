@@ -1,0 +1,131 @@
+"""Transfusion attention: mask semantics and one dispatcher over kernels.
+
+Semantics (DESIGN.md): query i may attend key j iff both are in the same
+document (segment id, 0 = padding attends nothing) and j <= i, or i and j are
+patches of the same image (full attention inside an image).
+
+`MaskInfo` carries the per-position ids for queries and keys separately, so the
+same kernels serve training (q = k = the whole row) and cached decoding (q = the
+new positions, k = the cache). Kernels receive q, k, v and a MaskInfo and never a
+dense [L, L] mask unless they build one themselves (the XLA reference does).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def image_slot(image_index: jax.Array, patches_per_image: int) -> jax.Array:
+    """Image slot of each position (-1 for text/pad); unique per image within a row."""
+    return jnp.where(image_index >= 0, image_index // patches_per_image, -1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+    """Ids that define the mask; all int32, q_* are [B, Lq] and kv_* are [B, Lk].
+
+    `*_index` is the position in the row's sequence (causality), `*_slot` the image
+    slot (-1 for text, and for every position when images are attended causally).
+    """
+
+    q_segment_ids: jax.Array
+    q_slot: jax.Array
+    q_index: jax.Array
+    kv_segment_ids: jax.Array
+    kv_slot: jax.Array
+    kv_index: jax.Array
+
+    @classmethod
+    def from_batch(cls, segment_ids, image_index, patches_per_image: int,
+                   bidirectional_images: bool = True) -> "MaskInfo":
+        slot = image_slot(image_index, patches_per_image)
+        if not bidirectional_images:
+            slot = jnp.full_like(slot, -1)
+        index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32),
+                                 segment_ids.shape)
+        return cls(segment_ids, slot, index, segment_ids, slot, index)
+
+
+def mask_from_info(info: MaskInfo) -> jax.Array:
+    """bool [B, Lq, Lk] from MaskInfo."""
+    same_doc = ((info.q_segment_ids[:, :, None] == info.kv_segment_ids[:, None, :])
+                & (info.q_segment_ids[:, :, None] != 0))
+    causal = info.kv_index[:, None, :] <= info.q_index[:, :, None]
+    same_image = ((info.q_slot[:, :, None] == info.kv_slot[:, None, :])
+                  & (info.q_slot[:, :, None] >= 0))
+    return same_doc & (causal | same_image)
+
+
+def attention_mask(segment_ids, image_index, patches_per_image: int) -> jax.Array:
+    """The reference mask of DESIGN.md: bool [B, L, L] (allowed[b, i, j])."""
+    info = MaskInfo.from_batch(jnp.asarray(segment_ids), jnp.asarray(image_index),
+                               patches_per_image)
+    return mask_from_info(info)
+
+
+def key_ranges(segment_ids: np.ndarray, image_index: np.ndarray, patches_per_image: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query contiguous key range [k_start, k_end) of the mask (numpy, [B, L]).
+
+    Keys of query i are [doc_start(i), max(i, image_end(i)) + 1) because documents
+    and images are contiguous; padding gets the empty range [i, i). Used for FLOPs
+    (attended pairs) and by block-sparse kernels.
+    """
+    seg = np.asarray(segment_ids)
+    idx = np.asarray(image_index)
+    b, l = seg.shape
+    pos = np.arange(l)
+    # doc_start: index of the first position with the same segment id.
+    new_doc = np.ones((b, l), bool)
+    new_doc[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    doc_start = np.maximum.accumulate(np.where(new_doc, pos, 0), axis=1)
+    patch = idx >= 0
+    image_end = np.where(patch, pos + (patches_per_image - 1 - idx % patches_per_image), -1)
+    k_end = np.maximum(pos, image_end) + 1
+    k_start = np.where(seg > 0, doc_start, pos)
+    k_end = np.where(seg > 0, k_end, pos)
+    return k_start.astype(np.int32), k_end.astype(np.int32)
+
+
+def xla_attention(q, k, v, info: MaskInfo, *, scale: float | None = None) -> jax.Array:
+    """Dense masked attention in plain XLA: the reference and the CPU default.
+
+    q [B, Lq, H, Dh]; k, v [B, Lk, Hkv, Dh] with H a multiple of Hkv (GQA: query
+    head h uses kv head h // (H / Hkv)). Returns [B, Lq, H, Dh] in q's dtype.
+    Fully masked (padding) queries get a uniform average, never NaN.
+    """
+    b, lq, h, dh = q.shape
+    hkv = k.shape[2]
+    scale = dh ** -0.5 if scale is None else scale
+    qg = q.reshape(b, lq, hkv, h // hkv, dh)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
+                        preferred_element_type=jnp.float32) * scale
+    mask = mask_from_info(info)[:, None, None, :, :]
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+    return out.reshape(b, lq, h, dh)
+
+
+AttentionKernel = Callable[..., jax.Array]
+KERNELS: dict[str, AttentionKernel] = {"xla": xla_attention}
+
+
+def register_kernel(name: str, kernel: AttentionKernel) -> None:
+    """Fast paths (cuDNN, splash, Pallas) plug in here under a config name."""
+    KERNELS[name] = kernel
+
+
+def dot_product_attention(q, k, v, info: MaskInfo, *, kernel: str = "xla",
+                          scale: float | None = None) -> jax.Array:
+    """The one entry point the model calls; `kernel` comes from config.model."""
+    try:
+        fn = KERNELS[kernel]
+    except KeyError:
+        raise ValueError(f"unknown attention kernel {kernel!r}; known: {sorted(KERNELS)}")
+    return fn(q, k, v, info, scale=scale)

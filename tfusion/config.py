@@ -1,0 +1,176 @@
+"""Model, diffusion and loss config (ml_collections) and its start-up validation.
+
+Experiments (experiments/) build on these defaults; every field is documented
+where it is set. Fields where the paper is silent say what we chose and why.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+MODALITY_LAYERS = ("linear", "unet")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_KERNELS = ("xla",)  # fast kernels register themselves (issue 9)
+IMAGE_ATTENTION = ("bidirectional", "causal")
+SCHEDULES = ("cosine", "linear")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the field's full name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"config.{field}: {message}")
+        self.field = field
+
+
+def llama_mlp_hidden(width: int, multiple_of: int = 256) -> int:
+    """SwiGLU hidden size by Llama's rule: 8/3 * width rounded up to `multiple_of`."""
+    hidden = int(8 * width / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # --- backbone (Llama-style: RMSNorm pre-norm, SwiGLU, RoPE) ---
+    c.vocab_size = 32_000 + 2  # Llama 2's 32K sentencepiece + BOI/EOI appended
+    c.pad_id = 0  # id placed at patch positions and padding; never a loss target
+    c.width = 768  # d_model
+    c.depth = 16  # transformer blocks
+    c.num_heads = 12
+    c.num_kv_heads = 0  # grouped-query attention: 0 = same as num_heads (plain MHA)
+    c.mlp_hidden = 0  # SwiGLU hidden size; 0 = Llama's 8/3 * width rounded to 256
+    c.rope_theta = 10_000.0
+    c.norm_eps = 1e-5
+    c.tie_embeddings = False  # Llama 2 unties the LM head from the embedding
+    c.qk_norm = False  # RMSNorm on q and k per head: only for the Chameleon baseline
+    c.init_std = 0.02  # std of normal init of embeddings and projections
+    # --- numerics and memory ---
+    c.dtype = "float32"  # compute dtype of activations/matmuls; params stay float32
+    c.param_dtype = "float32"
+    c.scan_layers = True  # lax.scan over stacked layers (fast compile); False unrolls
+    c.remat_policy = "none"  # one of REMAT_POLICIES; applied per block
+    # --- attention ---
+    c.attention_kernel = "xla"  # dispatcher key, see tfusion/attention.py
+    # Paper: full attention among the patches of one image. "causal" is the ablation.
+    c.image_attention = "bidirectional"
+    # --- image modality layers ---
+    c.latent_height = 32  # latent grid (paper: 256 px VAE f8 -> 32 x 32 x 8)
+    c.latent_width = 32
+    c.latent_channels = 8
+    c.patch_size = 2  # k x k latent patches (paper default 2 -> 256 patches)
+    c.modality_layer = "linear"  # "linear" or "unet"
+    # U-Net (paper: down blocks in, up blocks out, LayerNorm instead of AdaLN;
+    # ~0.27B params at paper scale). The paper gives no channel widths; these
+    # defaults give 0.271B (encoder + decoder) at patch 2, width 4096 (0.263B at
+    # width 768; checked in tests/test_unet.py). One entry per level: log2(k) + 1.
+    c.unet_channels = (640, 1344)  # channels per level, fine to coarse
+    c.unet_blocks_per_level = 2  # residual blocks per level
+    c.timestep_embed_dim = 256  # sinusoidal features before the timestep MLP (U-Net)
+    return c
+
+
+def diffusion_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_train_steps = 1000  # T
+    c.schedule = "cosine"  # Nichol & Dhariwal cosine schedule (paper)
+    c.cosine_s = 0.008  # cosine schedule offset (Nichol & Dhariwal's value)
+    c.max_beta = 0.999  # beta clip of the cosine schedule (Nichol & Dhariwal)
+    c.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_DDPM (paper: 5)
+    # Image-first caption pairs are noised at t <= this (paper's noise limiting).
+    c.noise_limit_t = 500
+    # Paper does not give the CFG caption-dropout rate; 0.1 is the common choice.
+    c.cfg_dropout = 0.1
+    c.sample_steps = 250  # respaced DDPM steps at inference (paper: 250)
+    c.sampler = "ddpm"  # "ddpm" (ancestral) or "ddim"
+    c.cfg_scale = 3.0  # paper: 3-5
+    return c
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.z_loss_weight = 0.0  # Chameleon baseline uses z-loss (1e-5); Transfusion none
+    return c
+
+
+def validate_model_config(c: ml_collections.ConfigDict, prefix: str = "model") -> None:
+    """Raises ConfigError naming the first bad field."""
+
+    def fail(field, msg):
+        raise ConfigError(f"{prefix}.{field}", msg)
+
+    for field in ("vocab_size", "width", "depth", "num_heads", "latent_height",
+                  "latent_width", "latent_channels", "patch_size"):
+        if not isinstance(c[field], int) or c[field] <= 0:
+            fail(field, f"must be a positive int, got {c[field]!r}")
+    if c.width % c.num_heads:
+        fail("width", f"{c.width} is not divisible by num_heads={c.num_heads}")
+    if (c.width // c.num_heads) % 2:
+        fail("num_heads", f"head dim {c.width // c.num_heads} must be even for RoPE")
+    kv = c.num_kv_heads or c.num_heads
+    if kv < 0 or c.num_heads % kv:
+        fail("num_kv_heads", f"{c.num_kv_heads} must divide num_heads={c.num_heads}")
+    if c.mlp_hidden < 0:
+        fail("mlp_hidden", f"must be >= 0, got {c.mlp_hidden}")
+    if not 0 <= c.pad_id < c.vocab_size:
+        fail("pad_id", f"{c.pad_id} is outside the vocabulary [0, {c.vocab_size})")
+    for field in ("latent_height", "latent_width"):
+        if c[field] % c.patch_size:
+            fail("patch_size", f"{c.patch_size} does not divide {field}={c[field]}")
+    if c.modality_layer not in MODALITY_LAYERS:
+        fail("modality_layer", f"unknown {c.modality_layer!r}; choose from {MODALITY_LAYERS}")
+    if c.modality_layer == "unet":
+        if c.patch_size & (c.patch_size - 1):
+            fail("patch_size", f"U-Net downsamples by 2 per level; {c.patch_size} is not a power of 2")
+        levels = int(math.log2(c.patch_size)) + 1
+        if len(c.unet_channels) != levels:
+            fail("unet_channels", f"needs log2(patch_size)+1 = {levels} levels, got "
+                                  f"{len(c.unet_channels)}")
+        if any(ch % 32 for ch in c.unet_channels):
+            fail("unet_channels", "each level's channels must be a multiple of 32")
+    if c.remat_policy not in REMAT_POLICIES:
+        fail("remat_policy", f"unknown {c.remat_policy!r}; choose from {REMAT_POLICIES}")
+    if c.image_attention not in IMAGE_ATTENTION:
+        fail("image_attention", f"unknown {c.image_attention!r}; choose from {IMAGE_ATTENTION}")
+    for field in ("dtype", "param_dtype"):
+        if c[field] not in DTYPES:
+            fail(field, f"unknown {c[field]!r}; choose from {DTYPES}")
+    from tfusion import attention  # late: attention registers kernels at import
+    if c.attention_kernel not in attention.KERNELS:
+        fail("attention_kernel", f"unknown {c.attention_kernel!r}; choose from "
+                                 f"{tuple(attention.KERNELS)}")
+
+
+def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffusion") -> None:
+    def fail(field, msg):
+        raise ConfigError(f"{prefix}.{field}", msg)
+
+    if c.num_train_steps <= 1:
+        fail("num_train_steps", f"must be > 1, got {c.num_train_steps}")
+    if c.schedule not in SCHEDULES:
+        fail("schedule", f"unknown {c.schedule!r}; choose from {SCHEDULES}")
+    if not 0 <= c.noise_limit_t < c.num_train_steps:
+        fail("noise_limit_t", f"{c.noise_limit_t} outside [0, {c.num_train_steps})")
+    if not 0.0 <= c.cfg_dropout < 1.0:
+        fail("cfg_dropout", f"{c.cfg_dropout} outside [0, 1)")
+    if c.loss_weight < 0:
+        fail("loss_weight", f"must be >= 0, got {c.loss_weight}")
+    if not 0 < c.sample_steps <= c.num_train_steps:
+        fail("sample_steps", f"{c.sample_steps} outside (0, {c.num_train_steps}]")
+    if c.sampler not in ("ddpm", "ddim"):
+        fail("sampler", f"unknown {c.sampler!r}; choose from ('ddpm', 'ddim')")
+
+
+def derived(c: ml_collections.ConfigDict) -> dict:
+    """Quantities every module needs, computed once from a model config."""
+    kv = c.num_kv_heads or c.num_heads
+    return dict(
+        head_dim=c.width // c.num_heads,
+        num_kv_heads=kv,
+        mlp_hidden=c.mlp_hidden or llama_mlp_hidden(c.width),
+        grid_h=c.latent_height // c.patch_size,
+        grid_w=c.latent_width // c.patch_size,
+        patches_per_image=(c.latent_height // c.patch_size) * (c.latent_width // c.patch_size),
+        patch_dim=c.patch_size * c.patch_size * c.latent_channels,
+    )

@@ -1,0 +1,59 @@
+"""The Transfusion loss: L = L_LM + lambda * L_DDPM, normalised over the global batch.
+
+Both terms are returned as (sum, count) pairs first, so gradient accumulation and
+sharding only add sums and counts, then divide once: the value never depends on
+how the batch was split.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def lm_target_weights(segment_ids: jax.Array, image_index: jax.Array) -> jax.Array:
+    """1.0 where token i is trained to predict token i+1 (last position: never).
+
+    Token i must be text (not pad, not patch) and token i+1 text in the same
+    document: so a BOI input (next is a patch) and patches get no loss, the token
+    before BOI predicts BOI, and EOI (previous is a patch) is never a target.
+    """
+    is_text = (segment_ids > 0) & (image_index < 0)
+    nxt_text = jnp.pad(is_text[:, 1:], ((0, 0), (0, 1)))
+    same_doc = jnp.pad(segment_ids[:, 1:] == segment_ids[:, :-1], ((0, 0), (0, 1)))
+    return (is_text & nxt_text & same_doc).astype(jnp.float32)
+
+
+def lm_loss_sums(logits: jax.Array, tokens: jax.Array, weights: jax.Array,
+                 z_loss_weight: float = 0.0):
+    """Sum of next-token cross-entropy (+ z-loss) over weighted positions, and the count."""
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    if z_loss_weight:
+        nll = nll + z_loss_weight * jnp.square(log_z)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def diffusion_loss_sums(eps_pred: jax.Array, noise: jax.Array, image_mask: jax.Array):
+    """Sum over real images of each image's mean squared epsilon error, and the count."""
+    per_image = jnp.mean(jnp.square(eps_pred - noise), axis=(-3, -2, -1))
+    mask = image_mask.astype(jnp.float32)
+    return jnp.sum(per_image * mask), jnp.sum(mask)
+
+
+def combine(sums: dict, diffusion_weight: float) -> dict:
+    """Sums and counts -> the losses; empty terms (no targets / no images) are 0."""
+    lm = sums["lm_sum"] / jnp.maximum(sums["lm_count"], 1.0)
+    ddpm = sums["ddpm_sum"] / jnp.maximum(sums["ddpm_count"], 1.0)
+    return dict(loss=lm + diffusion_weight * ddpm, loss_lm=lm, loss_diffusion=ddpm)
+
+
+def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0) -> dict:
+    weights = lm_target_weights(batch["segment_ids"], batch["image_index"])
+    lm_sum, lm_count = lm_loss_sums(logits, batch["tokens"], weights, z_loss_weight)
+    ddpm_sum, ddpm_count = diffusion_loss_sums(eps_pred, noise, batch["image_mask"])
+    return dict(lm_sum=lm_sum, lm_count=lm_count, ddpm_sum=ddpm_sum, ddpm_count=ddpm_count,
+                patch_tokens=jnp.sum(batch["image_index"] >= 0).astype(jnp.float32),
+                text_tokens=jnp.sum((batch["segment_ids"] > 0)
+                                    & (batch["image_index"] < 0)).astype(jnp.float32))

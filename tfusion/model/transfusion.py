@@ -1,0 +1,118 @@
+"""The Transfusion model: text embedding + image modality layers around one transformer.
+
+Forward (training and full-sequence evaluation):
+  1. text tokens are embedded; noisy latents of every image slot are encoded into
+     P patch embeddings each (linear or U-Net modality layer, conditioned on t);
+  2. patch embeddings are gathered into the sequence where image_index >= 0;
+  3. the transformer runs with the Transfusion mask (causal + full within images,
+     nothing across documents);
+  4. logits come from the LM head at every position; per-image hidden states are
+     gathered back at image_start .. image_start + P - 1 and decoded into epsilon.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tfusion import attention
+from tfusion.config import derived
+from tfusion.model.block import BlockContext
+from tfusion.model.layers import Dense, RMSNorm, dtype_of, make_param
+from tfusion.model.linear_patch import LinearPatchDecoder, LinearPatchEncoder
+from tfusion.model.rope import rope_angles
+from tfusion.model.transformer import Transformer
+from tfusion.sharding import constrain
+
+
+def make_image_layers(cfg, rngs: nnx.Rngs):
+    if cfg.modality_layer == "linear":
+        return LinearPatchEncoder(cfg, rngs=rngs), LinearPatchDecoder(cfg, rngs=rngs)
+    from tfusion.model.unet import UNetDecoder, UNetEncoder
+    return UNetEncoder(cfg, rngs=rngs), UNetDecoder(cfg, rngs=rngs)
+
+
+class Transfusion(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = derived(cfg)
+        self.patches_per_image = d["patches_per_image"]
+        self.embed = make_param(rngs, (cfg.vocab_size, cfg.width), ("vocab", "embed"),
+                                cfg.init_std)
+        self.backbone = Transformer(cfg, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.width, "embed", cfg.norm_eps, cfg.dtype)
+        self.lm_head = None if cfg.tie_embeddings else Dense(
+            cfg.width, (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs,
+            std=cfg.init_std, dtype=cfg.dtype)
+        self.image_encoder, self.image_decoder = make_image_layers(cfg, rngs)
+
+    # --- pieces, reused by cached inference ---
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden [B, L, D] (already normed) -> float32 logits [B, L, V]."""
+        if self.lm_head is None:
+            out = jnp.einsum("bld,vd->blv", hidden, self.embed[...].astype(hidden.dtype))
+        else:
+            out = self.lm_head(hidden)
+        out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
+        return out.astype(jnp.float32)
+
+    def encode_images(self, latents: jax.Array, t: jax.Array):
+        """latents [B, M, H, W, C], t [B, M] -> (patch embeddings [B, M, P, D], skips)."""
+        b, m = latents.shape[:2]
+        emb, skips = self.image_encoder(latents.reshape(b * m, *latents.shape[2:]),
+                                        t.reshape(b * m))
+        return emb.reshape(b, m, *emb.shape[1:]), skips
+
+    def decode_images(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
+        """hidden [B, M, P, D] -> epsilon [B, M, H, W, C] (float32)."""
+        b, m = hidden.shape[:2]
+        eps = self.image_decoder(hidden.reshape(b * m, *hidden.shape[2:]), skips,
+                                 t.reshape(b * m))
+        return eps.reshape(b, m, *eps.shape[1:])
+
+    def mask_info(self, segment_ids, image_index) -> attention.MaskInfo:
+        return attention.MaskInfo.from_batch(
+            segment_ids, image_index, self.patches_per_image,
+            bidirectional_images=self.cfg.image_attention == "bidirectional")
+
+    def context(self, positions, mask: attention.MaskInfo, cache_index=None) -> BlockContext:
+        sin, cos = rope_angles(positions, derived(self.cfg)["head_dim"], self.cfg.rope_theta)
+        return BlockContext(sin=sin, cos=cos, mask=mask, cache_index=cache_index)
+
+    def mix_inputs(self, tokens, image_index, patch_emb) -> jax.Array:
+        """Sequence inputs: token embeddings, replaced by patch embeddings at patches."""
+        b, m, p, d = patch_emb.shape
+        x = self.embed_tokens(tokens)
+        flat = patch_emb.reshape(b, m * p, d).astype(x.dtype)
+        # Gather (not scatter): each position reads its patch row; stays shard-local.
+        gathered = jnp.take_along_axis(flat, jnp.clip(image_index, 0)[..., None], axis=1)
+        x = jnp.where((image_index >= 0)[..., None], gathered, x)
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    def gather_image_hidden(self, hidden, image_start) -> jax.Array:
+        """hidden [B, L, D], image_start [B, M] -> [B, M, P, D]."""
+        idx = image_start[:, :, None] + jnp.arange(self.patches_per_image)
+        idx = jnp.clip(idx, 0, hidden.shape[1] - 1)  # empty slots read anything; masked later
+        b, m, p = idx.shape
+        out = jnp.take_along_axis(hidden, idx.reshape(b, m * p)[..., None], axis=1)
+        return out.reshape(b, m, p, hidden.shape[-1])
+
+    # --- full forward ---
+
+    def __call__(self, batch: dict, noisy_images: jax.Array, t: jax.Array):
+        """batch: contract arrays; noisy_images [B, M, H, W, C]; t int32 [B, M].
+
+        Returns (logits float32 [B, L, V], eps float32 [B, M, H, W, C]).
+        """
+        patch_emb, skips = self.encode_images(noisy_images, t)
+        x = self.mix_inputs(batch["tokens"], batch["image_index"], patch_emb)
+        ctx = self.context(batch["positions"],
+                           self.mask_info(batch["segment_ids"], batch["image_index"]))
+        hidden, _ = self.backbone(x, ctx)
+        hidden = self.final_norm(hidden)
+        eps = self.decode_images(self.gather_image_hidden(hidden, batch["image_start"]), skips, t)
+        return self.logits(hidden), eps

@@ -1,0 +1,1 @@
+"""Training: parameters on a mesh, the jitted step, the loop, checkpoints, metrics."""
