@@ -63,7 +63,7 @@ def model_config() -> ml_collections.ConfigDict:
     c.modality_layer = "linear"  # "linear" or "unet"
     # U-Net (paper: down blocks in, up blocks out, LayerNorm instead of AdaLN;
     # ~0.27B params at paper scale). The paper gives no channel widths; these
-    # defaults give 0.271B (encoder + decoder) at patch 2, width 4096 (0.263B at
+    # defaults give 0.271B (encoder + decoder) at patch 2, width 4096 (0.262B at
     # width 768; checked in tests/test_unet.py). One entry per level: log2(k) + 1.
     c.unet_channels = (640, 1344)  # channels per level, fine to coarse
     c.unet_blocks_per_level = 2  # residual blocks per level

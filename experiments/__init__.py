@@ -1,0 +1,1 @@
+"""Named experiments (ml_collections configs) and sweeps."""

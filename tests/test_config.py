@@ -1,0 +1,47 @@
+"""Bad config values fail at start-up with a message naming the field."""
+import pytest
+
+from tfusion.config import (ConfigError, diffusion_config, model_config, validate_diffusion_config,
+                            validate_model_config)
+
+BAD_MODEL = [
+    ("width", dict(width=100, num_heads=3), "model.width"),
+    ("odd head dim", dict(width=36, num_heads=4), "model.num_heads"),
+    ("gqa", dict(num_heads=12, num_kv_heads=5), "model.num_kv_heads"),
+    ("patch", dict(latent_height=30, patch_size=4), "model.patch_size"),
+    ("modality", dict(modality_layer="mlp"), "model.modality_layer"),
+    ("unet levels", dict(modality_layer="unet", patch_size=4, unet_channels=(64, 64)),
+     "model.unet_channels"),
+    ("remat", dict(remat_policy="sometimes"), "model.remat_policy"),
+    ("kernel", dict(attention_kernel="magic"), "model.attention_kernel"),
+    ("dtype", dict(dtype="float8"), "model.dtype"),
+    ("vocab", dict(vocab_size=0), "model.vocab_size"),
+    ("pad", dict(pad_id=40_000), "model.pad_id"),
+    ("image attention", dict(image_attention="sideways"), "model.image_attention"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,field", BAD_MODEL, ids=[b[0] for b in BAD_MODEL])
+def test_bad_model_field_is_named(name, overrides, field):
+    c = model_config()
+    c.update(overrides)
+    with pytest.raises(ConfigError, match=f"^config.{field}:"):
+        validate_model_config(c)
+
+
+def test_defaults_are_valid():
+    validate_model_config(model_config())
+    validate_diffusion_config(diffusion_config())
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(noise_limit_t=1000), "diffusion.noise_limit_t"),
+    (dict(schedule="sigmoid"), "diffusion.schedule"),
+    (dict(cfg_dropout=1.5), "diffusion.cfg_dropout"),
+    (dict(sample_steps=0), "diffusion.sample_steps"),
+])
+def test_bad_diffusion_field_is_named(overrides, field):
+    c = diffusion_config()
+    c.update(overrides)
+    with pytest.raises(ConfigError, match=f"^config.{field}:"):
+        validate_diffusion_config(c)

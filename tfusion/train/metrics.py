@@ -1,0 +1,72 @@
+"""Run outputs: metrics.jsonl (one object per logged step), TensorBoard, console lines.
+
+Only the primary process writes; the others get a writer that drops everything,
+so callers never branch on the process index.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+_log = logging.getLogger("tfusion.train")
+
+# Console line: these keys in this order, when present.
+CONSOLE_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_per_s", "mfu",
+                "step_s", "skipped_total")
+
+
+def _format(key: str, value) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key}={value:.2e}"
+        if key == "mfu":
+            return f"{key}={100 * value:.1f}%"
+        if key == "tokens_per_s":
+            return f"{key}={value:,.0f}"
+        return f"{key}={value:.4f}"
+    return f"{key}={value}"
+
+
+def console_line(step: int, total: int, metrics: dict, prefix: str = "train") -> str:
+    parts = [_format(k, metrics[k]) for k in CONSOLE_KEYS if k in metrics]
+    return f"[{prefix} {step}/{total}] " + " ".join(parts)
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        """One JSON object {"step", "split", **metrics}; TensorBoard scalars prefix/key."""
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": prefix}
+        row.update({k: (float(v) if isinstance(v, float) else v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def write_config(workdir: str, config) -> None:
+    """The resolved config (every default filled in) as workdir/config.json."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -1,0 +1,79 @@
+"""The train state: one dict pytree that is jitted, donated, sharded and checkpointed whole.
+
+  step            int32 []   optimizer steps taken (skipped non-finite steps count too,
+                             so step N always consumed data batches 0..N-1)
+  params          pure dict of the model's nnx parameters (nnx.merge takes it as is)
+  opt_state       optax state; moments sharded exactly like params
+  rng             uint32 key data of the run's base key; step keys are
+                  fold_in(base, step), so a resumed run draws the same noise
+  nonfinite_run   int32 []   consecutive skipped (non-finite) steps up to now
+  nonfinite_total int32 []   all skipped steps of the run
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tfusion import sharding
+from tfusion.train.params import abstract_model, init_params
+
+SCALAR_KEYS = ("step", "nonfinite_run", "nonfinite_total")
+
+
+def to_pure(tree):
+    """nnx.State (Variables or per-Variable values) -> plain nested dict of values."""
+    return tree.to_pure_dict() if hasattr(tree, "to_pure_dict") else tree
+
+
+def base_key(seed: int) -> jax.Array:
+    # Params use nnx.Rngs(seed); a distinct stream keeps noise independent of init.
+    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+
+
+def step_key(state_rng: jax.Array, step: jax.Array) -> jax.Array:
+    return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+
+
+def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh,
+                    table: Mapping[str, Any]) -> dict:
+    """NamedShardings of the whole state: optimizer moments follow their parameter."""
+    graphdef, abstract = abstract_model(model_cfg)
+    param_sh = to_pure(sharding.state_shardings(abstract, mesh, table))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, to_pure(abstract))
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    out = dict(params=param_sh, opt_state=opt_sh, rng=replicated)
+    out.update({k: replicated for k in SCALAR_KEYS})
+    return out
+
+
+def abstract_state(model_cfg, tx, shardings: dict) -> dict:
+    """ShapeDtypeStructs with shardings: the restore target for orbax."""
+    _, abstract = abstract_model(model_cfg)
+    params = to_pure(abstract)
+    shapes = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
+                  rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    shapes.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in SCALAR_KEYS})
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+
+
+def init_state(model_cfg, tx, mesh: Mesh, table, seed: int, shardings: dict):
+    """(graphdef, state) with everything created directly in its sharding."""
+    graphdef, params = init_params(model_cfg, mesh, table, seed)
+    params = to_pure(params)
+
+    def rest(p):
+        out = dict(opt_state=tx.init(p), rng=base_key(seed))
+        out.update({k: jnp.zeros((), jnp.int32) for k in SCALAR_KEYS})
+        return out
+
+    rest_sh = {k: v for k, v in shardings.items() if k != "params"}
+    state = jax.jit(rest, out_shardings=rest_sh)(params)
+    state["params"] = params
+    return graphdef, state

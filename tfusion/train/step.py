@@ -1,0 +1,147 @@
+"""The jitted train step (grad accumulation, non-finite skipping) and eval step.
+
+Diffusion t and noise are drawn once for the whole global batch from the step key,
+then microbatches are cut from batch and noise together, so the accumulated step
+equals the big-batch step (same noise, same normalisation), whatever the split.
+Each microbatch loss is normalised by the *global* counts (combine() with the
+global counts substituted), so summing microbatch gradients gives exactly the
+gradient of the global-batch loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tfusion import diffusion, losses, sharding
+from tfusion.objective import Objective
+from tfusion.train.grad import batch_shardings
+from tfusion.train.state import step_key
+
+METRIC_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "text_tokens",
+               "patch_tokens", "skipped", "nonfinite_run", "nonfinite_total")
+
+
+def noised_sums(objective: Objective, params, batch: dict, noisy, t, noise) -> dict:
+    """Objective.sums with t and noise given (drawn once per global batch)."""
+    model = nnx.merge(objective.graphdef, params)
+    logits, eps = model(batch, noisy, t)
+    return losses.transfusion_sums(logits, eps, noise, batch, objective.z_loss_weight)
+
+
+def global_counts(batch: dict) -> dict:
+    """Denominators of the global-batch loss; they do not depend on the params."""
+    weights = losses.lm_target_weights(batch["segment_ids"], batch["image_index"])
+    return dict(lm_count=jnp.sum(weights),
+                ddpm_count=jnp.sum(batch["image_mask"].astype(jnp.float32)))
+
+
+def split_microbatches(tree, num: int, mesh: Mesh | None, table):
+    """[B, ...] -> [num, B/num, ...] taking rows num apart, so every device keeps its
+    own rows in every microbatch (no resharding when the batch is sharded by rows)."""
+
+    def one(x):
+        x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+        if mesh is None:
+            return x
+        spec = sharding.logical_to_spec((None, "activation_batch") + (None,) * (x.ndim - 2),
+                                        table)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, tree)
+
+
+def loss_and_grads(objective: Objective, params, batch: dict, rng, accum: int,
+                   mesh: Mesh | None, table):
+    """(global sums, grads of the global-batch loss) with `accum` scanned microbatches."""
+    noisy, t, noise = diffusion.noise_images(rng, batch["images"], batch["image_t_max"],
+                                             objective.alpha_bar)
+    counts = global_counts(batch)
+
+    def micro_loss(p, micro):
+        sums = noised_sums(objective, p, *micro)
+        scaled = losses.combine(dict(sums, **counts), objective.diffusion_weight)
+        return scaled["loss"], sums
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if accum == 1:
+        (_, sums), grads = grad_fn(params, (batch, noisy, t, noise))
+        return sums, grads
+
+    def body(carry, micro):
+        sums_acc, grads_acc = carry
+        (_, sums), grads = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, sums_acc, sums), jax.tree.map(jnp.add, grads_acc, grads)), None
+
+    micros = split_microbatches((batch, noisy, t, noise), accum, mesh, table)
+    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[0][1]))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    (sums, grads), _ = jax.lax.scan(body, (zero_sums, zero_grads), micros)
+    return sums, grads
+
+
+def _select(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule,
+                    accum: int, mesh: Mesh | None = None, table: Mapping[str, Any] | None = None):
+    """Pure (state, batch) -> (state, metrics); jit it with `jit_train_step`.
+
+    A non-finite loss or gradient leaves params and optimizer state untouched
+    (the step and the non-finite counters still advance), decided on device.
+    """
+
+    def train_step(state: dict, batch: dict):
+        with sharding.activation_sharding(mesh, table or {}):
+            rng = step_key(state["rng"], state["step"])
+            sums, grads = loss_and_grads(objective, state["params"], batch, rng, accum,
+                                         mesh, table)
+        values = losses.combine(sums, objective.diffusion_weight)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(values["loss"]) & jnp.isfinite(grad_norm)
+        lr = schedule(state["step"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        params = optax.apply_updates(state["params"], updates)
+        run = jnp.where(ok, 0, state["nonfinite_run"] + 1)
+        new_state = dict(state, step=state["step"] + 1,
+                         params=_select(ok, params, state["params"]),
+                         opt_state=_select(ok, opt_state, state["opt_state"]),
+                         nonfinite_run=run,
+                         nonfinite_total=state["nonfinite_total"] + (~ok).astype(jnp.int32))
+        metrics = dict(values, grad_norm=grad_norm, lr=lr, text_tokens=sums["text_tokens"],
+                       patch_tokens=sums["patch_tokens"], skipped=(~ok).astype(jnp.int32),
+                       nonfinite_run=run, nonfinite_total=new_state["nonfinite_total"])
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, mesh: Mesh, table, state_sh: dict, batch_ndims: Mapping[str, int]):
+    """Explicit in/out shardings; the state is donated (updated in place)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(train_step,
+                   in_shardings=(state_sh, batch_shardings(mesh, table, batch_ndims)),
+                   out_shardings=(state_sh, {k: replicated for k in METRIC_KEYS}),
+                   donate_argnums=0)
+
+
+def make_eval_step(objective: Objective, mesh: Mesh, table, param_sh,
+                   batch_ndims: Mapping[str, int]):
+    """jit(params, batch, rng) -> loss sums of one held-out batch (add, then combine)."""
+
+    def eval_sums(params, batch, rng):
+        with sharding.activation_sharding(mesh, table):
+            return objective.sums(params, batch, rng)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(eval_sums,
+                   in_shardings=(param_sh, batch_shardings(mesh, table, batch_ndims),
+                                 replicated),
+                   out_shardings=replicated)
