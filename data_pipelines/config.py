@@ -12,7 +12,7 @@ import ml_collections
 
 from tfusion.config import ConfigError
 
-IMAGE_SOURCES = ("shapes", "digits", "folder", "array_record", "tfds", "none")
+IMAGE_SOURCES = ("shapes", "digits", "folder", "array_record", "tfds", "precomputed", "none")
 TEXT_SOURCES = ("captions", "files", "none")
 
 
@@ -24,7 +24,14 @@ def data_config() -> ml_collections.ConfigDict:
     # --- image-caption source ---
     c.source = "shapes"  # one of IMAGE_SOURCES; "none" = text-only training
     c.image_size = 16  # images are centre-cropped and resized to this many px (square)
-    c.encoder = "identity"  # latent encoder registry key (data_pipelines/encoders.py)
+    # Latent encoder (data_pipelines/encoders.py; docs/latents.md):
+    #   "identity": pixels are the latents (px, px, 3), for tiny runs;
+    #   "vae": AutoencoderKL weights in diffusers format at encoder_path, run on the fly;
+    #   "vq": VQ-VAE weights at encoder_path -> token ids [h, w, 1] (discrete baseline);
+    #   "precomputed": latents written by launch/encode_latents.py at encoder_path
+    #                  (needs source="precomputed"; the encoder never runs in training).
+    c.encoder = "identity"
+    c.encoder_path = ""  # vae/vq: weights directory; precomputed: latents directory
     c.data_dir = ""  # folder source: images + captions.jsonl; array_record: file glob
     c.tfds_name = ""  # tfds source: dataset name read with tfds.data_source (no download)
     c.tfds_data_dir = ""  # tfds source: data_dir holding the prepared dataset
@@ -91,7 +98,7 @@ def _fail(field: str, message: str):
 
 def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad `data.` field of a full experiment config."""
-    d, model = config.data, config.model
+    d = config.data
     for field in ("seq_len", "image_size", "eval_batches", "max_images_per_document",
                   "tokenizer_vocab_size", "mixture_probe_docs", "worker_buffer_size"):
         if not isinstance(d[field], int) or d[field] <= 0:
@@ -110,6 +117,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
     if d.source in ("folder", "array_record") and not d.data_dir:
         _fail("data_dir", f"source={d.source!r} needs data_dir")
+    if (d.source == "precomputed") != (d.encoder == "precomputed"):
+        _fail("encoder", "source='precomputed' and encoder='precomputed' go together, got "
+                         f"source={d.source!r}, encoder={d.encoder!r}")
     if d.source == "tfds" and not d.tfds_name:
         _fail("tfds_name", "source='tfds' needs tfds_name")
     for field in ("image_first_fraction", "text_token_share"):
@@ -131,9 +141,18 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
 
     d, model = config.data, config.model
     if d.source != "none":
-        if d.encoder not in encoders.ENCODERS:
-            _fail("encoder", f"unknown {d.encoder!r}; choose from {tuple(encoders.ENCODERS)}")
-        latent = encoders.latent_shape(d.encoder, d.image_size)
+        if d.encoder not in encoders.names():
+            _fail("encoder", f"unknown {d.encoder!r}; choose from {encoders.names()}")
+        if d.encoder in encoders.PATH_ENCODERS:
+            from data_pipelines.latent_encoders import check_path
+
+            problem = check_path(d.encoder, d.encoder_path)
+            if problem:
+                _fail("encoder_path", problem)
+        try:
+            latent = encoders.resolve(d.encoder, d.encoder_path).latent_shape(d.image_size)
+        except ValueError as e:  # image size not divisible / not the encoded size
+            _fail("image_size", str(e))
         expected = (model.latent_height, model.latent_width, model.latent_channels)
         if latent != expected:
             _fail("image_size", f"encoder {d.encoder!r} at {d.image_size} px gives latents "

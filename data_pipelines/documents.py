@@ -21,13 +21,14 @@ from data_pipelines.records import BadRecord, DocItem, ImageCaptionRecord, TextR
 from data_pipelines.tokenizer import Tokenizer
 from tfusion.batch import ImageSegment
 
-_IMAGE_STREAM, _TEXT_STREAM = 1, 2  # rng stream ids: image and text docs draw independently
+_IMAGE_STREAM = 1  # rng stream id, so other streams can draw independently later
 
 
 @dataclasses.dataclass(frozen=True)
 class DocumentOptions:
     image_size: int
     encoder: str
+    encoder_path: str
     image_first_fraction: float
     cfg_dropout: float
     noise_limit_t: int
@@ -39,7 +40,7 @@ class DocumentOptions:
     @classmethod
     def from_config(cls, config) -> "DocumentOptions":
         d, diffusion = config.data, config.diffusion
-        return cls(image_size=d.image_size, encoder=d.encoder,
+        return cls(image_size=d.image_size, encoder=d.encoder, encoder_path=d.encoder_path,
                    image_first_fraction=d.image_first_fraction,
                    cfg_dropout=diffusion.cfg_dropout, noise_limit_t=diffusion.noise_limit_t,
                    full_t_max=diffusion.num_train_steps - 1,
@@ -50,7 +51,7 @@ class DocumentOptions:
 class DocumentBuilder:
     def __init__(self, tokenizer: Tokenizer, options: DocumentOptions):
         self.tok, self.opt = tokenizer, options
-        self.encode = encoders.get(options.encoder).encode
+        self.encode = encoders.resolve(options.encoder, options.encoder_path).encode
 
     def _caption_ids(self, raw) -> tuple[list[int], tuple[str, ...]]:
         text, repairs = clean_text(raw, "empty_caption")
@@ -59,8 +60,10 @@ class DocumentBuilder:
     def _image(self, record: ImageCaptionRecord):
         if record.error:
             raise BadRecord(record.error)
-        pixels, repairs = prepare_image(record.image, self.opt.image_size)
         caption, caption_repairs = self._caption_ids(record.caption)
+        if record.latent is not None:  # precomputed: the encoder already ran offline
+            return record.latent, caption, caption_repairs
+        pixels, repairs = prepare_image(record.image, self.opt.image_size)
         return self.encode(pixels), caption, repairs + caption_repairs
 
     def image_document(self, index: int, record: ImageCaptionRecord, pool) -> DocItem:

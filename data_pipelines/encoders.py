@@ -31,6 +31,25 @@ def latent_shape(name: str, image_size: int) -> tuple[int, int, int]:
     return tuple(ENCODERS[name].latent_shape(image_size))
 
 
+# Encoders that need data.encoder_path (VAE/VQ weights or a latents directory),
+# built by data_pipelines/latent_encoders.py; imported lazily so identity users never
+# import the autoencoder models.
+PATH_ENCODERS = ("vae", "vq", "precomputed")
+
+
+def names() -> tuple[str, ...]:
+    return (*ENCODERS, *PATH_ENCODERS)
+
+
+def resolve(name: str, path: str = "") -> Encoder:
+    """The encoder of data.encoder / data.encoder_path."""
+    if name in PATH_ENCODERS:
+        from data_pipelines import latent_encoders
+
+        return latent_encoders.build(name, path)
+    return get(name)
+
+
 def get(name: str) -> Encoder:
     if name not in ENCODERS:
         raise KeyError(f"unknown encoder {name!r}; registered: {sorted(ENCODERS)}")

@@ -26,6 +26,7 @@ import collections
 from typing import Any
 
 import grain
+import numpy as np
 
 from data_pipelines.records import DocItem
 from tfusion.batch import BatchSpec, assemble_rows, document_images, document_length
@@ -48,6 +49,13 @@ class PackingIterDataset(grain.IterDataset):
 
     def __iter__(self) -> "PackingIterator":
         return PackingIterator(self._parent, self)
+
+
+def _joined_text(doc):
+    """Text-only documents as one token array, so chunks are plain slices."""
+    if document_images(doc):
+        return doc
+    return [np.concatenate([np.asarray(s, np.int32) for s in doc])]
 
 
 class _Row:
@@ -107,7 +115,7 @@ class PackingIterator(grain.DatasetIterator):
             self._counts["skipped/empty_document"] += 1
             return
         self._counts["documents"] += 1
-        self._cache[index] = doc
+        self._cache[index] = _joined_text(doc)
         if k:
             self._place(self._fitting_row(n, k) or self._new_row(), [index, 0, n], n, k)
         else:
@@ -171,8 +179,10 @@ class PackingIterator(grain.DatasetIterator):
         b = self._spec.batch_size
         while len(self._closed) < b:
             if self._next_index >= len(self._docs):  # finite input: flush what is left
-                if not self._open and not self._closed:
+                if not self._open and not self._closed and not self._counts:
                     raise StopIteration
+                # Trailing skipped records still reach the statistics, in an
+                # all-padding batch if no row is left (finite inputs only).
                 while self._open:
                     self._close(self._open[0])
                 break
@@ -215,4 +225,6 @@ class PackingIterator(grain.DatasetIterator):
         self._closed = [_Row.from_state(s) for s in state["closed_rows"]]
         self._counts = collections.Counter({k: int(v) for k, v in state["counts"].items()})
         # Documents are a pure function of their index: re-read the ones in rows.
-        self._cache = {i: self._read(i).document for i in sorted(self._referenced())}
+        self._cache = {}
+        for i in sorted(self._referenced()):
+            self._cache[i] = _joined_text(self._read(i).document)

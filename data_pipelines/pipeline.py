@@ -41,7 +41,8 @@ def batch_spec(config, process_count: int = 1) -> BatchSpec:
     if d.source == "none":
         latent, slots = (model.latent_height, model.latent_width, model.latent_channels), 0
     else:
-        latent, slots = encoders.latent_shape(d.encoder, d.image_size), d.max_images_per_row
+        latent = encoders.resolve(d.encoder, d.encoder_path).latent_shape(d.image_size)
+        slots = d.max_images_per_row
     return BatchSpec(batch_size=config.train.batch_size // process_count, seq_len=d.seq_len,
                      max_images=slots, latent_shape=latent, patch_size=model.patch_size)
 

@@ -27,6 +27,9 @@ class ImageCaptionRecord:
     caption: Any  # str or raw bytes (decoded leniently later)
     attributes: Optional[list] = None  # ground truth, when the source knows it
     error: str = ""  # set by a source that could not read the record at all
+    # Precomputed latent (data_pipelines/latents_source.py); when set, `image` is
+    # neither prepared nor encoded.
+    latent: Any = None
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipelines import builtin_text, file_sources, shapes
+from data_pipelines import builtin_text, file_sources, latents_source, shapes
 from data_pipelines.records import ImageCaptionRecord, TextRecord
 
 SHAPES_SPLIT_SEEDS = {"train": 0, "eval": 1}
@@ -93,6 +93,9 @@ IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
     "folder": _folder,
     "array_record": _array_record,
     "tfds": _tfds,
+    # Latents (and captions) written by launch/encode_latents.py; data.encoder must be
+    # "precomputed" and data.encoder_path the directory.
+    "precomputed": lambda data, split: latents_source.records(data.encoder_path, split),
 }
 
 

@@ -1,0 +1,40 @@
+"""Train a sentencepiece tokenizer with the Transfusion special ids.
+
+  python -m data_pipelines.train_tokenizer --output=tok.model --vocab_size=8000 \
+      --input='corpus/*.txt'
+Without --input, trains on the built-in captions (what data.tokenizer='builtin' does).
+Ids 0..5 of the result are PAD, UNK, BOS, EOS, BOI, EOI.
+"""
+from __future__ import annotations
+
+from absl import app, flags
+
+from data_pipelines import file_sources, tokenizer
+from data_pipelines.records import BadRecord, clean_text
+
+_INPUT = flags.DEFINE_string("input", "", "glob of .txt (a document per line) or .jsonl files")
+_JSONL_KEY = flags.DEFINE_string("jsonl_key", "text", "JSONL field holding the text")
+_OUTPUT = flags.DEFINE_string("output", None, "path of the .model file to write", required=True)
+_VOCAB = flags.DEFINE_integer("vocab_size", 512, "pieces; must exceed 262 (6 specials + 256 byte pieces) + distinct characters")
+
+
+def corpus_texts(pattern: str, jsonl_key: str):
+    records = file_sources.text_file_records(pattern, jsonl_key)
+    for i in range(len(records)):
+        try:
+            yield clean_text(records[i].text, "empty_text")[0]
+        except BadRecord:
+            continue  # a tokenizer corpus can afford to drop unusable lines
+
+
+def main(argv):
+    del argv
+    texts = (corpus_texts(_INPUT.value, _JSONL_KEY.value) if _INPUT.value
+             else tokenizer.builtin_corpus())
+    tok = tokenizer.train_tokenizer(texts, _OUTPUT.value, _VOCAB.value)
+    print(f"wrote {_OUTPUT.value}: vocab_size={tok.vocab_size} pad={tok.pad_id} "
+          f"bos={tok.bos_id} eos={tok.eos_id} boi={tok.boi_id} eoi={tok.eoi_id}")
+
+
+if __name__ == "__main__":
+    app.run(main)
