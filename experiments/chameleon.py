@@ -1,0 +1,64 @@
+"""The Chameleon-style baseline: images as discrete VQ tokens in the same transformer.
+
+Same backbone, optimizer, trainer and FLOPs accounting as Transfusion; what
+changes (paper, Section 4.1 baseline):
+  - the vocabulary is extended by the VQ codebook (ids after the text vocabulary,
+    BOI/EOI kept), and an image is `image_tokens` ordinary token ids;
+  - the batch has no image slots (M = 0), so tfusion.losses puts the LM loss on
+    every token, image tokens included, and the diffusion term is empty;
+  - QK-norm and z-loss, which Chameleon needs for stability.
+"""
+from __future__ import annotations
+
+from tfusion.config import ConfigError
+from tfusion.scaling.compute import is_discrete  # noqa: F401  (re-exported for experiments)
+
+CODEBOOK_SIZE = 16_384  # paper / Chameleon's image tokenizer
+IMAGE_TOKENS = 1024  # tokens per 512 px image (32 x 32 codes)
+Z_LOSS_WEIGHT = 1e-5
+
+
+def make_discrete(c, codebook_size: int = CODEBOOK_SIZE, image_tokens: int = IMAGE_TOKENS,
+                  z_loss_weight: float = Z_LOSS_WEIGHT):
+    """Turns a Transfusion config into its Chameleon-style counterpart, in place.
+
+    model.vocab_size must hold the text vocabulary (BOI/EOI included) on entry.
+    """
+    c.model.image_representation = "discrete"
+    c.model.codebook_size = codebook_size
+    c.model.image_tokens = image_tokens
+    c.model.vocab_size = c.model.vocab_size + codebook_size
+    c.model.qk_norm = True
+    c.loss.z_loss_weight = z_loss_weight
+    c.data.max_images_per_row = 0  # M = 0: images travel as token ids
+    c.data.encoder = "vq"  # VQ tokenizer (autoencoder issue) turns images into code ids
+    return c
+
+
+def image_token_offset(model_cfg) -> int:
+    """Id of VQ code 0: the first id after the text vocabulary (BOI/EOI included)."""
+    return model_cfg.vocab_size - model_cfg.codebook_size
+
+
+def validate_image_representation(c) -> None:
+    """Raises ConfigError naming the field when the two representations are mixed up."""
+    m = c.model
+    kind = m.get("image_representation", "continuous")
+    if kind not in ("continuous", "discrete"):
+        raise ConfigError("model.image_representation",
+                          f"unknown {kind!r}; choose 'continuous' or 'discrete'")
+    if kind == "continuous":
+        if m.get("codebook_size", 0):
+            raise ConfigError("model.codebook_size", "only discrete images have a codebook")
+        return
+    if m.codebook_size <= 0 or m.image_tokens <= 0:
+        raise ConfigError("model.codebook_size", "discrete images need codebook_size and "
+                                                 "image_tokens > 0")
+    if m.vocab_size <= m.codebook_size:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} leaves no text ids before the "
+                                              f"{m.codebook_size}-entry codebook")
+    if c.data.max_images_per_row:
+        raise ConfigError("data.max_images_per_row", "discrete images use no image slots (0)")
+    if m.image_tokens + 2 > c.data.seq_len:
+        raise ConfigError("data.seq_len", f"{c.data.seq_len} cannot hold one "
+                                          f"{m.image_tokens}-token image with BOI/EOI")

@@ -1,0 +1,40 @@
+"""CPU micro scaling experiments on the built-in shapes data (both families).
+
+Four backbone sizes small enough that the whole `cpu_micro` sweep (8 runs) fits
+in under an hour on an idle 2-core machine. Everything else (data, optimizer,
+batch) is shapes_tiny's, so the trainer's tuning carries over.
+"""
+from __future__ import annotations
+
+from experiments import chameleon, shapes
+
+# name -> (layers, width, heads); head dim 32 throughout.
+MICRO_SIZES = {
+    "w64": (2, 64, 2),
+    "w96": (3, 96, 3),
+    "w128": (4, 128, 4),
+    "w192": (4, 192, 6),
+}
+MICRO_STEPS = 500
+FAMILIES = ("transfusion", "chameleon")
+# Discrete shapes: 16 px images as 4 x 4 codes (an f4 VQ) from a 256-entry codebook.
+MICRO_CODEBOOK = 256
+MICRO_IMAGE_TOKENS = 16
+
+
+def mlp_hidden(width: int) -> int:
+    """8/3 * width rounded to 32: Llama's rounding to 256 would dwarf these widths."""
+    return 32 * -(-8 * width // (3 * 32))
+
+
+def micro_config(family: str, size: str):
+    depth, width, heads = MICRO_SIZES[size]
+    c = shapes.shapes_tiny()
+    c.name = f"micro_{family}_{size}"
+    c.model.update(depth=depth, width=width, num_heads=heads, mlp_hidden=mlp_hidden(width))
+    # One held-out evaluation at the end: the scaling fit reads eval/* metrics.
+    c.train.update(steps=MICRO_STEPS, log_every=50, checkpoint_every=250,
+                   eval_every=MICRO_STEPS)
+    if family == "chameleon":
+        chameleon.make_discrete(c, MICRO_CODEBOOK, MICRO_IMAGE_TOKENS)
+    return c

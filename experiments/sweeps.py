@@ -1,0 +1,104 @@
+"""Named sweeps: each expands into runs (experiment + config overrides + run name).
+
+`python -m launch.sweep --sweep=NAME --workdir=DIR` trains them one after another
+(DIR/<run name> each) or prints the cluster commands; see docs/experiments.md.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from experiments import ablations, micro, paper
+
+
+class Run(NamedTuple):
+    name: str  # the run's workdir under the sweep's workdir
+    experiment: str  # registry name
+    overrides: dict  # dotted config field -> value (--config.FIELD=VALUE)
+    family: str  # scaling-law family the run belongs to ("transfusion", "chameleon")
+
+
+class Sweep(NamedTuple):
+    build: Callable[[], list]
+    description: str
+
+
+PAPER_TOKEN_BUDGETS = (50e9, 100e9, 250e9, 500e9)  # 500B = the paper's 250K steps
+
+
+def steps_for_tokens(tokens: float, tokens_per_step: int) -> int:
+    return max(1, round(tokens / tokens_per_step))
+
+
+def _family_experiments(size: str) -> dict[str, str]:
+    return {"transfusion": f"transfusion_{size}", "chameleon": f"chameleon_{size}"}
+
+
+def paper_scaling() -> list[Run]:
+    """Both families at the five sizes, each on the paper's 0.5T tokens."""
+    return [Run(f"{family}_{size}", exp, {}, family)
+            for size in paper.PAPER_SIZES
+            for family, exp in _family_experiments(size).items()]
+
+
+def paper_token_budgets() -> list[Run]:
+    """Sizes x families x token budgets; the cosine schedule ends at each budget."""
+    step_tokens = paper.SEQ_LEN * paper.BATCH_ROWS
+    runs = []
+    for tokens in PAPER_TOKEN_BUDGETS:
+        steps = steps_for_tokens(tokens, step_tokens)
+        for size in paper.PAPER_SIZES:
+            for family, exp in _family_experiments(size).items():
+                runs.append(Run(f"{family}_{size}_{tokens / 1e9:g}Btok", exp,
+                                {"train.steps": steps}, family))
+    return runs
+
+
+def patch_sizes() -> list[Run]:
+    """Linear vs U-Net modality layers at patch 1/2/4/8 (0.76B, the ablation size)."""
+    size = ablations.ABLATION_SIZE
+    return [Run(f"{layer}_p{k}", f"transfusion_{size}_{layer}_p{k}", {}, f"{layer}_p{k}")
+            for layer in paper.MODALITY_LAYERS for k in paper.PATCH_SIZES]
+
+
+def ablation_grid() -> list[Run]:
+    """The base 0.76B run and one run per ablation (attention, lambda, noise limit, CFG)."""
+    size = ablations.ABLATION_SIZE
+    return [Run("base", f"transfusion_{size}", {}, "base")] + [
+        Run(suffix, f"transfusion_{size}_{suffix}", {}, suffix) for suffix in ablations.ABLATIONS]
+
+
+def cpu_micro() -> list[Run]:
+    """Four sizes x both families on shapes: the scaling pipeline end to end on a CPU."""
+    return [Run(f"{family}_{size}", f"micro_{family}_{size}", {}, family)
+            for family in micro.FAMILIES for size in micro.MICRO_SIZES]
+
+
+def cpu_smoke() -> list[Run]:
+    """Two tiny Transfusion runs of a few steps: checks train -> collect -> fit -> plot."""
+    few = {"train.steps": 6, "train.log_every": 2, "train.eval_every": 6,
+           "train.checkpoint_every": 6, "data.eval_batches": 1}
+    return [Run(f"transfusion_{size}", f"micro_transfusion_{size}", few, "transfusion")
+            for size in ("w64", "w96")]
+
+
+SWEEPS: dict[str, Sweep] = {
+    "paper_scaling": Sweep(paper_scaling, "Transfusion vs Chameleon, 5 sizes, 0.5T tokens each"),
+    "paper_token_budgets": Sweep(paper_token_budgets,
+                                 "Transfusion vs Chameleon, 5 sizes x 50B/100B/250B/500B tokens"),
+    "patch_sizes": Sweep(patch_sizes, "0.76B linear vs U-Net at patch 1/2/4/8"),
+    "ablations": Sweep(ablation_grid,
+                       "0.76B ablations: causal images, lambda, noise limiting, CFG dropout"),
+    "cpu_micro": Sweep(cpu_micro, "CPU: 4 micro sizes x Transfusion/Chameleon on shapes, "
+                                  "< 1 h on 2 idle cores"),
+    "cpu_smoke": Sweep(cpu_smoke, "CPU: 2 micro Transfusion runs x 6 steps (pipeline check)"),
+}
+
+
+def expand(name: str) -> list[Run]:
+    if name not in SWEEPS:
+        raise KeyError(f"unknown sweep {name!r}; known: {sorted(SWEEPS)}")
+    runs = SWEEPS[name].build()
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"sweep {name!r} has duplicate run names")
+    return runs

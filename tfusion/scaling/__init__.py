@@ -1,0 +1,1 @@
+"""Scaling-law tools: collect sweep results, fit power laws, parity ratios, plots."""
