@@ -1,0 +1,141 @@
+"""Inference benchmark: cached vs. recomputed diffusion steps, and seconds per image.
+
+  python -m benchmarks.inference [--out=benchmarks/results/inference.json] [--repeats=5]
+
+Shape `cpu-s`: width 512, depth 8, 8 heads, vocab 1024, latent 16x16x4 with patch 2
+(P = 64 patches of dim 16). CFG on (2 rows per image). A step is one diffusion step
+of one image; "cached" runs the P patches against the KV cache of a prefix of L
+tokens, "recompute" runs the whole sequence (prefix + image) through the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tfusion.config import diffusion_config, model_config
+from tfusion.inference.engine import Engine
+from tfusion.inference.generate import generate
+from tfusion.inference.options import GenerationOptions, SpecialTokens
+from tfusion.inference.steps import Block
+from tfusion.model.transfusion import Transfusion
+
+PREFIX_LENGTHS = (0, 256, 1024)
+SPECIAL = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
+
+
+def cpu_s_config():
+    c = model_config()
+    c.update(vocab_size=1024, width=512, depth=8, num_heads=8, latent_height=16,
+             latent_width=16, latent_channels=4, patch_size=2, timestep_embed_dim=64,
+             scan_layers=False)
+    return c
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() after one warm-up (compile) call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def cached_step_seconds(engine, prefix: int, repeats: int) -> float:
+    p, rows = engine.patches_per_image, 2
+    cache = engine.new_cache(rows, prefix + p)
+    if prefix:
+        tokens = jnp.full((rows, prefix), 7, jnp.int32)
+        pos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (rows, prefix))
+        block = Block(pos, jnp.ones((rows, prefix), jnp.int32), jnp.full((rows, prefix), -1))
+        _, cache = engine.prefill(cache, tokens, block)
+    block = Block(jnp.broadcast_to(prefix + jnp.arange(p, dtype=jnp.int32), (rows, p)),
+                  jnp.ones((rows, p), jnp.int32), jnp.full((rows, p), prefix, jnp.int32))
+    sched = engine.schedule(250)
+    keys = engine.keys([0])
+    x = jnp.zeros((1,) + engine.latent_shape)
+    state = {"cache": cache}
+
+    def step():
+        out, state["cache"] = engine.diffusion_step(
+            state["cache"], x, jnp.int32(100), keys, jnp.zeros(1, jnp.int32), block, sched,
+            jnp.float32(3.0), sampler="ddpm", guided=True, clip=None)
+        return out
+
+    return timed(step, repeats)
+
+
+def recompute_step_seconds(model, prefix: int, repeats: int) -> float:
+    cfg, p, rows = model.cfg, model.patches_per_image, 2
+    length = prefix + p
+    batch = dict(tokens=jnp.full((rows, length), 7, jnp.int32),
+                 segment_ids=jnp.ones((rows, length), jnp.int32),
+                 positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length)),
+                 image_index=jnp.broadcast_to(
+                     jnp.where(jnp.arange(length) >= prefix, jnp.arange(length) - prefix, -1),
+                     (rows, length)).astype(jnp.int32),
+                 image_start=jnp.full((rows, 1), prefix, jnp.int32))
+    images = jnp.zeros((rows, 1, cfg.latent_height, cfg.latent_width, cfg.latent_channels))
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, b, x, t: nnx.merge(graphdef, s)(b, x, t)[1])
+    t = jnp.full((rows, 1), 100, jnp.int32)
+    return timed(lambda: forward(state, batch, images, t), repeats)
+
+
+def image_seconds(engine) -> tuple[float, float, float]:
+    """Seconds for one 250-step CFG image after compilation, the same in process CPU
+    seconds (both cores; a load-independent proxy on a shared machine), and the
+    first call's seconds including compilation."""
+    prompt = [np.asarray([SPECIAL.bos] + list(range(10, 22)) + [SPECIAL.boi], np.int32)]
+    options = GenerationOptions(max_new_tokens=0, max_images=0, steps=250, cfg_scale=3.0)
+    start = time.perf_counter()
+    generate(engine, [prompt], SPECIAL, options, seeds=[0])
+    first = time.perf_counter() - start
+    start, cpu_start = time.perf_counter(), time.process_time()
+    generate(engine, [prompt], SPECIAL, options, seeds=[1])
+    return time.perf_counter() - start, time.process_time() - cpu_start, first
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="benchmarks/results/inference.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    cfg = cpu_s_config()
+    model = Transfusion(cfg, rngs=nnx.Rngs(0))
+    engine = Engine(model, diffusion_config())
+    cached = [cached_step_seconds(engine, n, args.repeats) for n in PREFIX_LENGTHS]
+    recompute = [recompute_step_seconds(model, n, args.repeats) for n in PREFIX_LENGTHS]
+    image_s, image_cpu_s, first_s = image_seconds(engine)
+    result = dict(
+        shape="cpu-s", model=dict(width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
+                                  vocab_size=cfg.vocab_size, patches_per_image=64, patch_dim=16),
+        prefix_lengths=list(PREFIX_LENGTHS), step_s_cached=cached, step_s_recompute=recompute,
+        image_s=image_s, image_cpu_s=image_cpu_s, image_s_first_call_with_compile=first_s,
+        image_settings=dict(steps=250, cfg_scale=3.0, rows=2, sampler="ddpm"),
+        machine=dict(platform=platform.platform(), processor=platform.processor(),
+                     cpu_count=os.cpu_count(), jax=jax.__version__,
+                     devices=[str(d) for d in jax.devices()],
+                     load_average_before=load_before, load_average_after=os.getloadavg(),
+                     note="CPU shared with other engineers' test runs; see load averages"),
+        command=" ".join([os.path.basename(sys.executable), "-m", "benchmarks.inference"] + sys.argv[1:]),
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Generate from a trained run: text -> image (and text after it), or image -> caption.
+
+  python -m launch.generate --workdir=DIR --prompt="a red circle" --out=OUT_DIR
+      [--image=PATH] [--num_samples=N --cfg_scale=S --steps=K --seed=X]
+      [--max_new_tokens=T --max_images=I --temperature=... --top_k=... --top_p=...]
+
+Without --image the prompt is `BOS prompt BOI`: an image first, then text until EOS
+or --max_new_tokens. With --image it is `BOS BOI image EOI prompt`: text about the
+image (a caption when --prompt is empty). Writes OUT_DIR/sample_<i>_image_<j>.png
+and OUT_DIR/sample_<i>.txt (the interleaved output, images as <image: file>).
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
+                               required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", "", "Text prompt (caption, or text after --image).")
+_IMAGE = flags.DEFINE_string("image", None, "Image to caption (any PIL-readable file).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples (seeds seed .. seed+N-1).")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None,
+                                "CFG scale; default config.diffusion.cfg_scale; 0 = no CFG.")
+_STEPS = flags.DEFINE_integer("steps", None, "Diffusion steps; default config's sample_steps.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Default: config's sampler.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of sample 0.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Sampled tokens per sample.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Images the model may start itself.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Samples per generate() call.")
+
+
+def build_prompt(tokenizer, config, text: str, image_path: str | None) -> list:
+    import numpy as np
+
+    from data_pipelines import encoders
+    from data_pipelines.images import prepare_image
+    from tfusion.inference.samples import text_to_image_prompt
+
+    if image_path is None:
+        return text_to_image_prompt(tokenizer, text)
+    with open(image_path, "rb") as f:
+        pixels, _ = prepare_image(f.read(), config.data.image_size)
+    encoder = encoders.resolve(config.data.encoder, config.data.get("encoder_path", ""))
+    s = tokenizer
+    return [np.asarray([s.bos_id, s.boi_id], np.int32), encoder.encode(pixels),
+            np.asarray([s.eoi_id] + tokenizer.encode(text), np.int32)]
+
+
+def write_outputs(out_dir: str, first: int, generations, tokenizer, config) -> list[str]:
+    """PNG per image and the interleaved text per sample; returns the text files."""
+    from PIL import Image
+
+    from tfusion.eval.generation import latents_to_pixels
+    from tfusion.eval.grid import to_uint8
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for i, g in enumerate(generations, start=first):
+        parts, n_images = [], 0
+        for seg in g.segments:
+            if seg.ndim == 3:
+                name = f"sample_{i}_image_{n_images}.png"
+                pixels = latents_to_pixels(seg[None], config)[0]
+                Image.fromarray(to_uint8(pixels)).save(os.path.join(out_dir, name))
+                parts.append(f"<image: {name}>")
+                n_images += 1
+            else:
+                parts.append(tokenizer.decode(seg.tolist()))
+        path = os.path.join(out_dir, f"sample_{i}.txt")
+        with open(path, "w") as f:
+            f.write(" ".join(p for p in parts if p) + "\n")
+        written.append(path)
+    return written
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from tqdm import tqdm
+
+    from data_pipelines import build_tokenizer
+    from tfusion.eval.checkpoints import load_model
+    from tfusion.inference.engine import Engine
+    from tfusion.inference.generate import generate
+    from tfusion.inference.options import GenerationOptions, SpecialTokens
+    from tfusion.inference.samples import clip_for
+
+    model, config, step = load_model(_WORKDIR.value, _STEP.value)
+    tokenizer = build_tokenizer(config)
+    overrides = dict(max_new_tokens=_MAX_NEW_TOKENS.value, max_images=_MAX_IMAGES.value,
+                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                     clip_denoised=clip_for(config))
+    if _CFG_SCALE.value is not None:
+        overrides["cfg_scale"] = _CFG_SCALE.value or None
+    for key, flag in (("steps", _STEPS), ("sampler", _SAMPLER)):
+        if flag.value is not None:
+            overrides[key] = flag.value
+    options = GenerationOptions.from_config(config, **overrides)
+    engine = Engine(model, config.diffusion)
+    prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    progress = lambda n: tqdm(total=n, desc="diffusion", leave=False)
+    n, size = _NUM_SAMPLES.value, _BATCH_SIZE.value
+    print(f"checkpoint step {step}; {n} sample(s); {options}")
+    for start in range(0, n, size):
+        count = min(size, n - start)
+        seeds = [_SEED.value + start + i for i in range(count)]
+        outs = generate(engine, [prompt] * count, special, options, seeds, progress=progress)
+        for path in write_outputs(_OUT.value, start, outs, tokenizer, config):
+            with open(path) as f:
+                print(f"{path}: {f.read().strip()}")
+
+
+if __name__ == "__main__":
+    app.run(main)

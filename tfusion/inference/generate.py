@@ -1,0 +1,247 @@
+"""The interleaved text-and-image generation loop (host side).
+
+Rows move in lockstep over one shared cache index, each in its own state:
+  text:  feed the row's last token, sample the next (BOI -> image, EOS -> done);
+  image: denoise P noise patches against the cached prefix for `steps` steps,
+         write the clean image (t = 0) into the cache, then feed EOI.
+Whenever some row needs an image, all rows pause for one image phase (rows not
+in it write dummy columns), so every jitted call has static shapes.
+
+With CFG (options.cfg_scale not None) every row r has a twin r + B: the
+unconditional stream. It writes nothing during text; at each image it starts a
+fresh document `BOS BOI` (what caption dropout trains on) and denoises the same
+x; the guided epsilon drives both.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from tfusion.batch import ImageSegment
+from tfusion.inference.engine import Engine
+from tfusion.inference.options import GenerationOptions, SpecialTokens
+from tfusion.inference.prompts import as_document, layout_prompts
+from tfusion.inference.steps import Block
+
+
+@dataclasses.dataclass
+class Generation:
+    """What one row produced after its prompt: token arrays and latents [H, W, C], in
+    sequence order, e.g. [array([.., BOI]), latent, array([EOI, .., EOS])]."""
+
+    segments: list
+
+    @property
+    def images(self) -> list[np.ndarray]:
+        return [s for s in self.segments if s.ndim == 3]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        text = [s for s in self.segments if s.ndim == 1]
+        return np.concatenate(text) if text else np.zeros((0,), np.int32)
+
+
+class _Rows:
+    """Host mirror of per-row decoding state (R = B or 2B rows)."""
+
+    def __init__(self, batch: int, guided: bool, lengths: np.ndarray, last_tokens,
+                 image_limit: np.ndarray):
+        rows = 2 * batch if guided else batch
+        self.b, self.guided = batch, guided
+        self.pos = np.zeros(rows, np.int32)
+        self.pos[:batch] = lengths
+        self.seg = np.zeros(rows, np.int32)
+        self.seg[:batch] = 1
+        self.draws = np.zeros(rows, np.int32)  # text draws so far (key counters)
+        self.n_sampled = np.zeros(batch, np.int32)  # tokens taken (max_new_tokens)
+        self.images = np.zeros(rows, np.int32)  # images so far (key counters)
+        self.image_limit = np.concatenate([image_limit] * (rows // batch))
+        self.sampled = np.zeros(batch, np.int32)
+        self.last_fed = np.asarray(last_tokens, np.int32)
+        self.needs_image = np.zeros(batch, bool)
+        self.done = np.zeros(batch, bool)
+        self.out: list[list] = [[] for _ in range(batch)]
+        self.text: list[list[int]] = [[] for _ in range(batch)]
+
+    def twin(self, cond: np.ndarray) -> np.ndarray:
+        """Row mask over R rows: `cond` [B] plus, with CFG, the same rows' twins."""
+        return np.concatenate([cond, cond]) if self.guided else cond
+
+    def cond_only(self, cond: np.ndarray) -> np.ndarray:
+        """Row mask over R rows: `cond` [B], twins never."""
+        return np.concatenate([cond, np.zeros_like(cond)]) if self.guided else cond
+
+    def flush_text(self, r: int):
+        if self.text[r]:
+            self.out[r].append(np.asarray(self.text[r], np.int32))
+            self.text[r] = []
+
+
+def default_max_len(prompt_len: int, batch: int, options: GenerationOptions, p: int,
+                    prompt_images: int) -> int:
+    """Worst case: rows start their images at different times (each its own phase).
+    Rounded up to a multiple of 64 so prompts of similar length share compiled steps."""
+    images = batch * options.max_images + prompt_images
+    need = prompt_len + options.max_new_tokens + 2 + images * (p + 4)
+    return -(-need // 64) * 64
+
+
+def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
+             options: GenerationOptions, seeds: Sequence[int], progress=None
+             ) -> list[Generation]:
+    """Continues each prompt (a document: token arrays and clean latents).
+
+    A prompt ending in BOI starts with an image; one ending in an image gets EOI
+    appended. `seeds` (one per prompt) make every row reproducible on its own,
+    whatever it is batched with. `progress(num_steps)` may return a tqdm-like bar
+    updated once per diffusion step.
+    """
+    docs = [as_document(p) for p in prompts]
+    docs = [d + [np.asarray([special.eoi], np.int32)] if isinstance(d[-1], ImageSegment)
+            else d for d in docs]
+    if len(seeds) != len(docs):
+        raise ValueError(f"{len(seeds)} seeds for {len(docs)} prompts")
+    b, p = len(docs), engine.patches_per_image
+    ends_boi = np.asarray([int(d[-1][-1]) == special.boi for d in docs])
+    guided = options.cfg_scale is not None and (options.max_images > 0 or ends_boi.any())
+    lay = layout_prompts(docs, engine.latent_shape, engine.cfg.patch_size, special.pad)
+    max_len = options.max_len or default_max_len(
+        lay["tokens"].shape[1], b, options, p, int(ends_boi.sum()))
+    rows = _Rows(b, guided, lay["lengths"], lay["tokens"][:, -1],
+                 options.max_images + ends_boi)
+    keys = engine.keys(list(seeds) * (2 if guided else 1))
+    run = _Loop(engine, special, options, rows, keys, max_len)
+    run.prefill(lay)
+    while True:
+        if (rows.needs_image & ~rows.done).any():
+            run.image_phase(progress)
+        elif not rows.done.all():
+            run.text_step()
+        else:
+            break
+    for r in range(b):
+        rows.flush_text(r)
+    return [Generation(segments) for segments in rows.out]
+
+
+class _Loop:
+    def __init__(self, engine, special, options, rows: _Rows, keys, max_len: int):
+        self.engine, self.special, self.options, self.rows = engine, special, options, rows
+        self.keys, self.max_len = keys, max_len
+        self.n = len(rows.pos)
+        self.cache = engine.new_cache(self.n, max_len)
+        self.index = 0  # host copy of cache.index
+        self.schedule = engine.schedule(options.steps)
+        self.image_cost = (2 if rows.guided else 0) + engine.patches_per_image
+
+    def _block(self, live: np.ndarray, width: int, slot: int = -1) -> Block:
+        r = self.rows
+        positions = np.where(live[:, None], r.pos[:, None] + np.arange(width), 0)
+        segments = np.where(live[:, None], r.seg[:, None], 0).repeat(width, axis=1)
+        slots = np.where(live[:, None], slot, -1).repeat(width, axis=1)
+        return Block(*(jnp.asarray(a, jnp.int32) for a in (positions, segments, slots)))
+
+    def _banned(self, width: int) -> jnp.ndarray:
+        """Ids a row may not sample after writing `width` more columns."""
+        s, r = self.special, self.rows
+        banned = np.zeros((self.n, self.engine.cfg.vocab_size), bool)
+        banned[:, [s.pad, s.bos, s.eoi]] = True  # EOI is appended, never sampled
+        room = self.index + width + 1 + self.image_cost + 1 <= self.max_len  # BOI, EOI
+        banned[:, s.boi] = ~((r.images < r.image_limit) & room)
+        return jnp.asarray(banned)
+
+    def _feed(self, tokens, block: Block, live: np.ndarray, image_index=None, images=None):
+        """Writes a block of tokens, samples every live row's next token."""
+        o, r = self.options, self.rows
+        nxt, _, self.cache = self.engine.text_step(
+            self.cache, jnp.asarray(tokens), block, self.keys, jnp.asarray(r.draws),
+            self._banned(tokens.shape[1]), o.temperature, o.top_p, image_index, images, top_k=o.top_k)
+        self.index += tokens.shape[1]
+        self._accept(np.asarray(nxt)[:r.b], live)
+        r.draws[:r.b] += live
+
+    def prefill(self, lay):
+        r = self.rows
+        pad_rows = self.n - r.b  # the unconditional twins write nothing yet
+        extend = lambda a, v: np.concatenate([a, np.full((pad_rows,) + a.shape[1:], v, a.dtype)])
+        block = Block(*(jnp.asarray(extend(lay[k], v)) for k, v in
+                        (("positions", 0), ("segment_ids", 0), ("slot", -1))))
+        images = None
+        if lay["images"].shape[1]:
+            images = jnp.asarray(extend(lay["images"], 0.0))
+        self._feed(extend(lay["tokens"], self.special.pad), block, np.ones(r.b, bool),
+                   jnp.asarray(extend(lay["image_index"], -1)), images)
+
+    def _accept(self, sampled: np.ndarray, live: np.ndarray):
+        """Per live row: the fed token was BOI -> image next; else take the sample."""
+        r, s, o = self.rows, self.special, self.options
+        for i in np.flatnonzero(live):
+            if r.last_fed[i] == s.boi:
+                r.needs_image[i] = True
+                continue
+            if r.n_sampled[i] >= o.max_new_tokens:
+                r.done[i] = True
+                continue
+            tok = int(sampled[i])
+            r.text[i].append(tok)
+            r.sampled[i] = tok
+            r.n_sampled[i] += 1
+            if tok == s.eos:
+                r.done[i] = True
+
+    def text_step(self):
+        r = self.rows
+        live = ~r.done & ~r.needs_image
+        if self.index + 1 > self.max_len:
+            r.done[:] = True
+            return
+        tokens = np.full((self.n, 1), self.special.pad, np.int32)
+        tokens[:r.b, 0] = np.where(live, r.sampled, self.special.pad)
+        r.last_fed = np.where(live, r.sampled, r.last_fed)
+        self._feed(tokens, self._block(r.cond_only(live), 1), live)
+        r.pos[:r.b] += live
+
+    def image_phase(self, progress):
+        r, e, o = self.rows, self.engine, self.options
+        live = r.needs_image & ~r.done
+        if self.index + self.image_cost + 1 > self.max_len:  # no room: stop these rows
+            r.done |= live
+            return
+        both = r.twin(live)
+        if r.guided:  # fresh unconditional document per image: BOS BOI
+            uncond = both & (np.arange(self.n) >= r.b)
+            r.seg[uncond] += 1
+            r.pos[uncond] = 0
+            tokens = np.full((self.n, 2), self.special.pad, np.int32)
+            tokens[uncond] = (self.special.bos, self.special.boi)
+            _, self.cache = e.prefill(self.cache, jnp.asarray(tokens), self._block(uncond, 2))
+            r.pos[uncond] = 2
+            self.index += 2
+        block = self._block(both, e.patches_per_image, slot=self.index)
+        counters = jnp.asarray(r.images[:r.b])
+        x = e.initial_noise(self.keys[:r.b], counters, e.latent_shape)
+        bar = progress(self.schedule.num_steps) if progress else None
+        for i in reversed(range(self.schedule.num_steps)):
+            x, self.cache = e.diffusion_step(
+                self.cache, x, jnp.int32(i), self.keys[:r.b], counters, block, self.schedule,
+                jnp.float32(o.cfg_scale or 1.0), sampler=o.sampler, guided=r.guided,
+                clip=o.clip_denoised)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        clean = jnp.concatenate([x, x]) if r.guided else x
+        self.cache = e.commit_image(self.cache, clean, block)
+        self.index += e.patches_per_image
+        r.pos += np.where(both, e.patches_per_image, 0).astype(np.int32)
+        x = np.asarray(x)
+        for i in np.flatnonzero(live):
+            r.flush_text(i)
+            r.out[i].append(x[i])
+            r.needs_image[i] = False
+            r.sampled[i] = self.special.eoi  # fed next; EOI is appended, not sampled
+            r.text[i].append(self.special.eoi)
+        r.images[both] += 1

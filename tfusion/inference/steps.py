@@ -1,0 +1,122 @@
+"""Model-level decoding steps: pure functions of (model, cache, arrays).
+
+They reuse the model's own pieces (embed_tokens, encode_images, mix_inputs,
+backbone via cache.extend, final_norm, logits, decode_images); `engine.Engine`
+jits them. Every array has a static shape: B (or 2B with CFG) rows, and a block
+of L new cache columns written at cache.index for all rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from tfusion.inference import samplers
+from tfusion.inference.cache import KVCache, extend
+from tfusion.inference.sampling import sample_tokens
+from tfusion.sharding import constrain
+
+# Purposes folded into a row's key so text and image randomness never share draws.
+TEXT_STREAM, IMAGE_STREAM = 0, 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """Where L new columns go, per row: int32 [R, L] each. segment 0 = dummy write."""
+
+    positions: jax.Array
+    segment_ids: jax.Array
+    slot: jax.Array
+
+
+def embed_prompt(model, tokens, image_index, images):
+    """Token embeddings with clean (t = 0) image patches mixed in; images [B, M, H, W, C]."""
+    if images is None or images.shape[1] == 0:
+        x = model.embed_tokens(tokens)
+        return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    t = jnp.zeros(images.shape[:2], jnp.int32)
+    patch_emb, _ = model.encode_images(images, t)
+    return model.mix_inputs(tokens, image_index, patch_emb)
+
+
+def prefill(model, cache: KVCache, tokens, block: Block, image_index=None, images=None):
+    """Writes a (left-padded) block of text and clean images; commits it.
+
+    Returns (float32 logits [R, V] at the block's last column, cache).
+    """
+    x = embed_prompt(model, tokens, image_index, images)
+    hidden, cache = extend(model, cache, x, block.positions, block.segment_ids, block.slot)
+    return model.logits(hidden[:, -1:])[:, 0], cache.advance(tokens.shape[1])
+
+
+def row_keys(keys, stream: int, counters):
+    """Per-row key for draw number `counters[r]` of a stream: independent of batching."""
+    return jax.vmap(lambda k, c: jax.random.fold_in(jax.random.fold_in(k, stream), c))(
+        keys, counters)
+
+
+def text_step(model, cache: KVCache, tokens, block: Block, keys, counters, banned,
+              temperature, top_p, image_index=None, images=None, *, top_k: int):
+    """Feeds a block of tokens [R, L] (a prompt, or one token per row) and samples
+    each row's next token with the row's draw number `counters` [R].
+
+    Returns (next tokens int32 [R], logits [R, V] at the last column, cache).
+    """
+    logits, cache = prefill(model, cache, tokens, block, image_index, images)
+    next_tokens = sample_tokens(logits, row_keys(keys, TEXT_STREAM, counters),
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                banned=banned)
+    return next_tokens, logits, cache
+
+
+def image_block(model, cache: KVCache, x_t, t, block: Block):
+    """Runs P patches of latents x_t [R, H, W, C] at steps t [R] against the cache.
+
+    Returns (final hidden [R, P, D], modality skips, cache with the block's k/v
+    written at cache.index, not committed).
+    """
+    patch_emb, skips = model.encode_images(x_t[:, None], t[:, None])
+    x = constrain(patch_emb[:, 0], ("activation_batch", "activation_length", "activation_embed"))
+    hidden, cache = extend(model, cache, x, block.positions, block.segment_ids, block.slot)
+    return hidden, skips, cache
+
+
+def predict_eps(model, cache: KVCache, x_t, t, block: Block):
+    """Epsilon float32 [R, H, W, C] of the image block (cache columns overwritten)."""
+    hidden, skips, cache = image_block(model, cache, x_t, t, block)
+    return model.decode_images(hidden[:, None], skips, t[:, None])[:, 0], cache
+
+
+def initial_noise(keys, image_counters, shape):
+    """x_T per row from the row's image stream: [B, *shape]."""
+    keys = row_keys(keys, IMAGE_STREAM, image_counters)
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Block,
+                   schedule: samplers.Schedule, cfg_scale, *, sampler: str, guided: bool,
+                   clip: float | None = None):
+    """Sampling step i: x [B, H, W, C] at t_i -> x at t_{i-1}.
+
+    With `guided`, rows are [conditional B; unconditional B] sharing x, and the
+    guided epsilon drives the step. Returns (x_prev, cache); the cache's image
+    columns hold this step's k/v and are overwritten by the next step.
+    """
+    b = x.shape[0]
+    rows_x = jnp.concatenate([x, x]) if guided else x
+    t = jnp.full((rows_x.shape[0],), schedule.timesteps[i], jnp.int32)
+    eps, cache = predict_eps(model, cache, rows_x, t, block)
+    if guided:
+        eps = samplers.guide(eps[:b], eps[b:], cfg_scale)
+    step_keys = row_keys(keys, IMAGE_STREAM, image_counters)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
+    return samplers.sampler_step(sampler, schedule, i, x, eps, noise, clip), cache
+
+
+def commit_image(model, cache: KVCache, x0, block: Block):
+    """Writes the finished image (t = 0, like a prompt image) into the cache; commits it."""
+    t = jnp.zeros((x0.shape[0],), jnp.int32)
+    _, _, cache = image_block(model, cache, x0, t, block)
+    return cache.advance(block.positions.shape[1])
