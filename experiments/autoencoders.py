@@ -13,17 +13,20 @@ def _shapes_autoencoder(name: str, kind: str):
     c.data.image_size = 32
     c.autoencoder = autoencoder_section()
     # f4: 32 px -> 8x8 latents; small enough to train in minutes on 2 CPU cores.
+    # L2: on mostly-black shapes L1 settles for blurry shapes (measured: 16.4 dB held-out
+    # PSNR after 400 steps with L1 + adversarial term vs ~24 dB with L2 alone).
     c.autoencoder.update(kind=kind, block_out_channels=(16, 32, 32), layers_per_block=1,
                          latent_channels=4, norm_num_groups=8, learning_rate=1e-3,
-                         kl_weight=1e-6, eval_images=64)
+                         reconstruction="l2", kl_weight=1e-6, eval_images=64)
     c.train.update(steps=400, batch_size=16, log_every=25, seed=0)
     return c
 
 
 def vae_shapes_tiny():
-    """f4c4 AutoencoderKL on 32 px shapes, L1 + KL, adversarial term from step 300."""
+    """f4c4 AutoencoderKL on 32 px shapes, L2 + KL. The patch-GAN term is off (it costs
+    PSNR at this length); --config.autoencoder.adv_weight=0.05 turns it on from step 300."""
     c = _shapes_autoencoder("vae_shapes_tiny", "vae")
-    c.autoencoder.update(adv_weight=0.05, adv_start_step=300)
+    c.autoencoder.update(adv_weight=0.0, adv_start_step=300)
     return c
 
 

@@ -84,8 +84,10 @@ EXPERIMENTS: dict[str, Experiment] = {
     **_chameleon_entries(),
     **_ablation_entries(),
     **_micro_entries(),
-    "vae_shapes_tiny": Experiment(autoencoders.vae_shapes_tiny, "f4c4 VAE on 32 px shapes (launch.train_autoencoder)"),
-    "vq_shapes_tiny": Experiment(autoencoders.vq_shapes_tiny, "f4 VQ-VAE, 256 codes, 32 px shapes (launch.train_autoencoder)"),
+    "vae_shapes_tiny": Experiment(autoencoders.vae_shapes_tiny,
+                                  "f4c4 VAE on 32 px shapes (launch.train_autoencoder)"),
+    "vq_shapes_tiny": Experiment(autoencoders.vq_shapes_tiny,
+                                 "f4 VQ-VAE, 256 codes, 32 px shapes (launch.train_autoencoder)"),
 }
 
 

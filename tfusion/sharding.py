@@ -46,6 +46,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("unet_out", None),
     ("conv_h", None),
     ("conv_w", None),
+    # Autoencoders (tfusion/autoencoders) run outside the train step: replicated.
+    ("vae_in", None),
+    ("vae_out", None),
+    ("vae_codebook", None),
 )
 
 _log = logging.getLogger(__name__)
@@ -162,6 +166,12 @@ def activation_sharding(mesh: Mesh | None, table: Mapping[str, Any]):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active_sharding() -> tuple[Mesh, Mapping[str, Any]] | None:
+    """(mesh, table) while tracing inside `activation_sharding`, else None; kernels
+    that need per-shard code (shard_map) read it."""
+    return _ACTIVE.get()
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
