@@ -68,28 +68,40 @@ def attention_mask(segment_ids, image_index, patches_per_image: int) -> jax.Arra
     return mask_from_info(info)
 
 
+def key_ranges_from_info(info: MaskInfo) -> tuple[jax.Array, jax.Array]:
+    """Per-query contiguous key range [k_start, k_end) of the mask (jnp, [B, Lq]).
+
+    THE derivation of ranges (traceable; kernels and FLOPs both use it). Keys of
+    query i are [doc_start(i), max(i, image_end(i)) + 1) because documents and
+    images are contiguous. Assumes the key side is the row in sequence order
+    (kv_index[j] == j, true for training and for a KV cache), so `q_index` indexes
+    the key arrays. Padding queries get the empty range [i, i).
+    """
+    seg, slot = info.kv_segment_ids, info.kv_slot
+    lk = seg.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(lk, dtype=jnp.int32), seg.shape)
+    edge = jnp.ones_like(seg[:, :1], dtype=bool)
+    doc_begins = jnp.concatenate([edge, seg[:, 1:] != seg[:, :-1]], axis=1)
+    doc_start = jax.lax.cummax(jnp.where(doc_begins, pos, 0), axis=1)
+    # Last index of each run of equal slots; only read where the query is a patch.
+    run_ends = jnp.concatenate([slot[:, 1:] != slot[:, :-1], edge], axis=1)
+    run_end = jax.lax.cummin(jnp.where(run_ends, pos, lk), axis=1, reverse=True)
+    qi = info.q_index.astype(jnp.int32)
+    at_q = jnp.clip(qi, 0, lk - 1)
+    k_start = jnp.take_along_axis(doc_start, at_q, axis=1)
+    image_end = jnp.take_along_axis(run_end, at_q, axis=1)
+    k_end = jnp.where(info.q_slot >= 0, jnp.maximum(qi, image_end), qi) + 1
+    valid = info.q_segment_ids != 0
+    return jnp.where(valid, k_start, qi), jnp.where(valid, k_end, qi)
+
+
 def key_ranges(segment_ids: np.ndarray, image_index: np.ndarray, patches_per_image: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query contiguous key range [k_start, k_end) of the mask (numpy, [B, L]).
-
-    Keys of query i are [doc_start(i), max(i, image_end(i)) + 1) because documents
-    and images are contiguous; padding gets the empty range [i, i). Used for FLOPs
-    (attended pairs) and by block-sparse kernels.
-    """
-    seg = np.asarray(segment_ids)
-    idx = np.asarray(image_index)
-    b, l = seg.shape
-    pos = np.arange(l)
-    # doc_start: index of the first position with the same segment id.
-    new_doc = np.ones((b, l), bool)
-    new_doc[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    doc_start = np.maximum.accumulate(np.where(new_doc, pos, 0), axis=1)
-    patch = idx >= 0
-    image_end = np.where(patch, pos + (patches_per_image - 1 - idx % patches_per_image), -1)
-    k_end = np.maximum(pos, image_end) + 1
-    k_start = np.where(seg > 0, doc_start, pos)
-    k_end = np.where(seg > 0, k_end, pos)
-    return k_start.astype(np.int32), k_end.astype(np.int32)
+    """numpy [B, L] key ranges of a batch (FLOPs, block-sparsity stats); see above."""
+    info = MaskInfo.from_batch(jnp.asarray(segment_ids, jnp.int32),
+                               jnp.asarray(image_index, jnp.int32), patches_per_image)
+    k_start, k_end = key_ranges_from_info(info)
+    return np.asarray(k_start), np.asarray(k_end)
 
 
 def xla_attention(q, k, v, info: MaskInfo, *, scale: float | None = None) -> jax.Array:
@@ -129,3 +141,7 @@ def dot_product_attention(q, k, v, info: MaskInfo, *, kernel: str = "xla",
     except KeyError:
         raise ValueError(f"unknown attention kernel {kernel!r}; known: {sorted(KERNELS)}")
     return fn(q, k, v, info, scale=scale)
+
+
+# Last: the kernels package registers its fast paths through register_kernel above.
+import tfusion.kernels  # noqa: E402,F401
