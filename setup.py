@@ -24,9 +24,16 @@ setup(
         "array-record>=0.5",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "scipy>=1.10",  # Frechet distance, power-law fits
+        "matplotlib>=3.7",  # scaling-law plots
+        "pycocoevalcap>=1.2",  # CIDEr
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        # torch: the CPU build on disk here; an unpinned torch pulls a multi-GB CUDA build.
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "torch==2.13.0",
+                 "diffusers>=0.30", "safetensors>=0.4"],
+        # lucidrains' PyTorch Transfusion, the throughput baseline of benchmarks/.
+        "reference": ["torch==2.13.0", "transfusion-pytorch==0.20.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         "cuda": ["jax[cuda12]>=0.10,<0.11"],
     },

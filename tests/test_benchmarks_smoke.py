@@ -1,0 +1,66 @@
+"""The training benchmark runs end to end at a tiny shape and writes the agreed JSON.
+
+One subprocess (the benchmark re-executes itself with its own environment, which a
+pytest process with 8 fake devices cannot give it) with 1 warm-up + 1 timed step per
+scenario on both sides; the reference side is skipped where its venv is absent.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import summarize  # noqa: E402
+import workloads  # noqa: E402
+from train_throughput import REFERENCE_PYTHON  # noqa: E402
+
+SCENARIO_KEYS = ("tokens_per_s", "mfu", "peak_flops", "step_s_median", "packing_efficiency")
+REFERENCE_KEYS = ("reference_tokens_per_s", "ratio_vs_reference")
+
+
+def test_first_fit_rows_fill_rows_within_limits():
+    shape = workloads.SHAPES["cpu-s"]
+    samples = workloads.mix_samples(shape, 200, seed=1)
+    batches, used = workloads.first_fit_rows(samples, shape, rows=6, seq_len=512, max_images=8)
+    placed = [i for batch in batches for row in batch for i in row]
+    assert sorted(placed) == list(range(used))  # none lost, none twice
+    for batch in batches:
+        assert len(batch) == 6
+        for row in batch:
+            assert sum(workloads.useful_tokens(samples[i], shape) for i in row) <= 512
+            assert sum(samples[i][1] for i in row) <= 8
+
+
+def test_train_throughput_writes_required_keys(tmp_path):
+    out = tmp_path / "train_throughput.json"
+    reference = os.path.exists(REFERENCE_PYTHON)
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "train_throughput.py"),
+           "--shape", "tiny", "--warmup", "1", "--steps", "1", "--reference-warmup", "1",
+           "--reference-steps", "1", "--peak-n", "256", "--out", str(out)]
+    if not reference:
+        cmd.append("--no-reference")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for key in ("machine", "load_average", "command", "peak_flops"):
+        assert key in result
+    assert {"cpu_model", "cores", "jax_version"} <= set(result["machine"])
+    for scenario in ("fixed", "mix"):
+        keys = SCENARIO_KEYS + (REFERENCE_KEYS if reference else ())
+        for key in keys:
+            assert result[scenario][key] > 0, (scenario, key)
+        assert result[scenario]["mfu"] < 1.5  # a broken FLOP count shows up here
+    if reference:
+        assert "torch_version" in result["machine"]
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# t\n{summarize.BEGIN}\nold\n{summarize.END}\ntail\n")
+    summarize.update_doc(str(doc), str(tmp_path))
+    text = doc.read_text()
+    assert "`fixed.tokens_per_s`" in text and "old" not in text and text.endswith("tail\n")
+    if not reference:
+        pytest.skip("reference venv absent: tfusion side only")
