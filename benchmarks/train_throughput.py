@@ -39,7 +39,8 @@ import workloads  # noqa: E402
 GLIBC_TUNABLES = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_max=0"
 # Fake host devices split the 2 cores between 8 XLA devices (~7% slower); tests set it.
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-REFERENCE_PYTHON = "/work/venv-ref/bin/python"
+# A separate venv with `pip install -e .[reference]` (torch + transfusion-pytorch).
+REFERENCE_PYTHON = os.environ.get("TFUSION_REFERENCE_PYTHON", "/work/venv-ref/bin/python")
 DEFAULT_OUT = os.path.join(_HERE, "results", "train_throughput.json")
 
 

@@ -1,0 +1,73 @@
+"""Evaluate a trained run.
+
+  python -m launch.evaluate --workdir=/tmp/run --suite=all [--step=N]
+      [--shapes_prompts=64 --fid_samples=256 --sample_steps=50 --cfg_scale=3 ...]
+
+Suites: text (perplexity, diffusion loss at fixed t), shapes (compositional
+generation + captioning scores on the built-in shapes data), fid, all. Writes
+workdir/eval/<suite>.json (+ .jsonl history) and samples grids. See
+docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
+                               required=True)
+_SUITE = flags.DEFINE_enum("suite", "all", ["text", "shapes", "fid", "all"], "What to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
+_SHAPES_PROMPTS = flags.DEFINE_integer("shapes_prompts", 64, "shapes: held-out prompts/images.")
+_FID_SAMPLES = flags.DEFINE_integer("fid_samples", 256, "fid: images per set.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None,
+                                     "Diffusion steps; default config.diffusion.sample_steps.")
+_CFG_SCALE = flags.DEFINE_float("cfg_scale", None,
+                                "CFG scale; default config.diffusion.cfg_scale; 0 = no CFG.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Prompts per generation batch.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_FID_FEATURES = flags.DEFINE_string("fid_features", "",
+                                    "shapes FID feature network (.npz); default: the cache.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+
+
+def _current_defaults():
+    """The run's experiment as the code defines it now (fills fields added since)."""
+    import json
+    import os
+
+    from experiments import registry
+
+    with open(os.path.join(_WORKDIR.value, "config.json")) as f:
+        name = json.load(f).get("name", "")
+    return registry.get_config(name) if name in registry.EXPERIMENTS else None
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("tfusion").setLevel(logging.INFO)
+    from tfusion.eval.checkpoints import load_config, load_model
+    from tfusion.eval.generation import SamplingSettings
+    from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
+
+    model, config, step = load_model(_WORKDIR.value, _STEP.value,
+                                     load_config(_WORKDIR.value, _current_defaults()))
+    cfg_scale = -1.0 if _CFG_SCALE.value is None else (_CFG_SCALE.value or None)
+    options = EvalOptions(
+        shapes_prompts=_SHAPES_PROMPTS.value, fid_samples=_FID_SAMPLES.value,
+        sampling=SamplingSettings(batch_size=_BATCH_SIZE.value, steps=_SAMPLE_STEPS.value,
+                                  cfg_scale=cfg_scale, seed=_SEED.value),
+        fid_features=_FID_FEATURES.value, progress=not _NO_PROGRESS.value)
+    results = run_eval_suite(_SUITE.value, model, config, _WORKDIR.value, step, options=options)
+    for name, value in sorted(scalar_metrics(results).items()):
+        print(f"{name:50s} {value:.4f}")
+
+
+def run() -> None:
+    """Console script `tfusion-evaluate`."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,66 @@
+"""Held-out perplexity = exp(numpy cross-entropy of a tiny model's logits)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.packed_batches import random_batch, tiny_config
+from tfusion import diffusion
+from tfusion.eval.heldout import HeldoutEvaluator, heldout_metrics
+from tfusion.model.transfusion import Transfusion
+
+
+def numpy_text_nll(logits, batch):
+    """Sum and count of next-token NLL where token i and i+1 are text of one document."""
+    seg, img, tok = (np.asarray(batch[k]) for k in ("segment_ids", "image_index", "tokens"))
+    total, count = 0.0, 0
+    for b in range(tok.shape[0]):
+        for i in range(tok.shape[1] - 1):
+            text_here = seg[b, i] > 0 and img[b, i] < 0
+            text_next = seg[b, i + 1] == seg[b, i] and img[b, i + 1] < 0
+            if text_here and text_next:
+                row = logits[b, i].astype(np.float64)
+                log_z = np.log(np.exp(row - row.max()).sum()) + row.max()
+                total += log_z - row[tok[b, i + 1]]
+                count += 1
+    return total, count
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config()
+    model = Transfusion(config.model, rngs=nnx.Rngs(0))
+    batches = [random_batch(seed, config.model, batch_size=2, seq_len=32)[0] for seed in (0, 1)]
+    return config, model, batches
+
+
+def test_perplexity_is_exp_of_numpy_cross_entropy(tiny):
+    config, model, batches = tiny
+    total, count = 0.0, 0
+    for batch in batches:
+        # Text is scored with clean images at t = 0.
+        logits, _ = model(batch, batch["images"], jnp.zeros(batch["image_mask"].shape, jnp.int32))
+        s, c = numpy_text_nll(np.asarray(logits), batch)
+        total, count = total + s, count + c
+    out = heldout_metrics(model, batches, config, timesteps=(10, 900))
+    assert out["text_targets"] == count > 0
+    assert out["perplexity"] == pytest.approx(np.exp(total / count), rel=1e-5)
+    # An untrained model is close to uniform over the vocabulary.
+    assert out["perplexity"] == pytest.approx(config.model.vocab_size, rel=0.2)
+
+
+def test_diffusion_loss_at_fixed_t_uses_the_given_t_and_noise(tiny):
+    config, model, batches = tiny
+    evaluator = HeldoutEvaluator(model, config, timesteps=(700,))
+    batch = batches[0]
+    rng = jax.random.key(5)
+    sums = evaluator.batch_sums(batch, rng)
+    noise = jax.random.normal(rng, batch["images"].shape, jnp.float32)
+    t = jnp.full(batch["image_mask"].shape, 700, jnp.int32)
+    noisy = diffusion.q_sample(batch["images"], t, noise, evaluator.alpha_bar)
+    _, eps = model(batch, noisy, t)
+    per_image = np.mean((np.asarray(eps) - np.asarray(noise)) ** 2, axis=(2, 3, 4))
+    mask = np.asarray(batch["image_mask"])
+    assert mask.sum() > 0
+    assert float(sums["t700"]["ddpm_sum"]) == pytest.approx(per_image[mask].sum(), rel=1e-5)

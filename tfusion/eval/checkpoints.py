@@ -1,0 +1,69 @@
+"""A trained model from a run directory: workdir/config.json + workdir/checkpoints/<step>.
+
+Only the parameters are needed, but orbax restores the state it saved as a whole,
+so the optimizer state is restored too (abstractly typed, then dropped).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import jax
+import ml_collections
+from flax import nnx
+
+
+def _tuples(value):
+    # config.json stores tuples as lists; config fields such as unet_channels are tuples.
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _merge(defaults: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), ml_collections.ConfigDict):
+            _merge(defaults[key], value)
+        else:
+            defaults[key] = value
+
+
+def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = None
+                ) -> ml_collections.ConfigDict:
+    """The run's saved config. With `defaults` (the experiment's current config), the
+    saved values are laid over it, so fields added to the code since the run was
+    started get their defaults instead of failing as missing."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = _tuples(json.load(f))
+    if defaults is None:
+        return ml_collections.ConfigDict(saved)
+    _merge(defaults, saved)
+    return defaults
+
+
+def load_model(workdir: str, step: Optional[int] = None, config=None):
+    """(model, config, step) from the newest (or given) checkpoint of a run."""
+    from tfusion import sharding
+    from tfusion.train import optimizer, state as state_lib
+    from tfusion.train.checkpoint import Checkpointer
+    from tfusion.train.params import abstract_model
+
+    config = config or load_config(workdir)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000,
+                                async_save=False)
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    table = sharding.rule_table(config.mesh.rule_overrides)
+    tx = optimizer.make_optimizer(config.optimizer)
+    target = state_lib.abstract_state(config.model, tx,
+                                      state_lib.state_shardings(config.model, tx, mesh, table))
+    state, _ = checkpointer.restore(step, target)
+    checkpointer.close()
+    graphdef, _ = abstract_model(config.model)
+    model = nnx.merge(graphdef, jax.device_get(state["params"]))
+    return model, config, int(step)

@@ -1,0 +1,253 @@
+"""Evaluation suites by name; `run_eval_suite` is what launch/evaluate.py and the
+trainer call.
+
+  text    held-out perplexity (clean images) + diffusion loss at fixed t
+  shapes  `shapes` only: compositional generation scores (detector on generated
+          images vs. the prompt), captioning scores (parsed captions vs. ground
+          truth) and CIDEr; samples grids
+  fid     FID of generated vs. held-out real images (shapes feature net by
+          default; any feature_fn for other data, e.g. Inception)
+  all     every suite that applies to the data
+
+Results go to workdir/eval/<suite>.json (latest) and <suite>.jsonl (history).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tfusion.eval import fid as fid_lib
+from tfusion.eval.cider import cider_d
+from tfusion.eval.generation import ModelSampler, SamplingSettings
+from tfusion.eval.grid import write_grid
+from tfusion.eval.heldout import heldout_metrics
+from tfusion.eval.references import heldout_references
+from tfusion.eval.shapes_detector import detect_batch
+from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_image
+
+_log = logging.getLogger(__name__)
+SUITES = ("text", "shapes", "fid")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    shapes_prompts: int = 64  # held-out captions generated and images captioned
+    fid_samples: int = 256  # generated and real images per FID set
+    sampling: SamplingSettings = SamplingSettings()
+    fid_features: str = ""  # shapes feature-net file; "" = the cache (trained if missing)
+    grid_images: int = 32  # images shown per samples grid
+    progress: bool = True  # tqdm bars (generation, held-out batches)
+
+
+class _Context:
+    """What suites in one call share: the model, references, generated images."""
+
+    def __init__(self, model, config, workdir, step, options, sampler, feature_fn):
+        self.model, self.config, self.workdir = model, config, workdir
+        self.step, self.options = step, options
+        self.progress = _tqdm if options.progress else None
+        self._sampler, self._feature_fn = sampler, feature_fn
+        self._references: list = []
+        self._generated = np.zeros((0,), np.float32)
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            self._sampler = ModelSampler(self.model, self.config, self.options.sampling,
+                                         self.progress)
+        return self._sampler
+
+    def references(self, count: int) -> list:
+        if len(self._references) < count:
+            self._references = heldout_references(self.config, count)
+        return self._references[:count]
+
+    def generated(self, count: int) -> np.ndarray:
+        """Images for the first `count` held-out captions, generated once per call."""
+        have = len(self._generated)
+        if have < count:
+            captions = [r.caption for r in self.references(count)[have:]]
+            new = np.asarray(self.sampler.images(captions), np.float32)
+            self._generated = new if have == 0 else np.concatenate([self._generated, new])
+        return self._generated[:count]
+
+    def feature_fn(self):
+        if self._feature_fn is None:
+            if self.config.data.source != "shapes":
+                raise ValueError("fid: pass feature_fn (e.g. Inception) for data.source="
+                                 f"{self.config.data.source!r}; see docs/evaluation.md")
+            from tfusion.eval.fid_features import shapes_feature_fn
+            self._feature_fn = shapes_feature_fn(self.config.data.image_size,
+                                                 self.options.fid_features)
+        return self._feature_fn
+
+    def path(self, name: str) -> str:
+        tag = "" if self.step is None else f"_step{self.step}"
+        return os.path.join(self.workdir, "eval", f"{name}{tag}.png")
+
+
+def _tqdm(iterable=None, **kwargs):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, leave=False, **kwargs)
+
+
+def text_suite(ctx: _Context) -> dict:
+    import data_pipelines
+    batches = data_pipelines.make_eval_iterator(ctx.config)
+    progress = None
+    if ctx.progress:
+        progress = lambda it: ctx.progress(it, total=ctx.config.data.eval_batches,
+                                           desc="held-out batches")
+    return heldout_metrics(ctx.model, batches, ctx.config, seed=ctx.config.train.seed,
+                           progress=progress)
+
+
+def _claims(detections) -> list:
+    return [Claim.from_detection(d) for d in detections]
+
+
+def shapes_suite(ctx: _Context) -> dict:
+    if ctx.config.data.source != "shapes":
+        raise ValueError(f"the shapes suite needs data.source='shapes', not "
+                         f"{ctx.config.data.source!r}")
+    refs = ctx.references(ctx.options.shapes_prompts)
+    stated = [[Claim.from_spec(a) for a in r.attributes] for r in refs]
+    counts = [len(s) for s in stated]
+    real = np.stack([r.image for r in refs])
+    real_found = detect_batch(real)
+    generated = ctx.generated(len(refs))
+    gen_found = detect_batch(generated)
+    captions = ctx.sampler.captions(real)
+    shown = ctx.options.grid_images
+    write_grid(ctx.path("shapes_generation"), generated[:shown],
+               [r.caption for r in refs[:shown]])
+    write_grid(ctx.path("shapes_captions"), real[:shown], captions[:shown])
+    return {
+        "generation": aggregate([score_image(s, _claims(d)) for s, d in zip(stated, gen_found)],
+                                counts),
+        "captioning": aggregate([score_image(s, parse_caption(c))
+                                 for s, c in zip(stated, captions)], counts),
+        "cider": cider_d(captions, [[r.caption] for r in refs])["cider"],
+        # Chance level: each prompt scored against the image of another held-out scene.
+        "generation_chance": aggregate(score_image(s, _claims(d)) for s, d in
+                                       zip(stated, real_found[1:] + real_found[:1])),
+        # Guards: the detector must read the real images perfectly; at low resolution
+        # some shapes are pixel-identical, and shape scores are upper bounds there.
+        "detector_on_real": aggregate(score_image(s, _claims(d))
+                                      for s, d in zip(stated, real_found)),
+        "shape_ambiguous_fraction": float(np.mean(
+            [len(d.shapes) > 1 for found in real_found for d in found])),
+        "samples": {"caption_examples": [{"reference": r.caption, "generated": c}
+                                         for r, c in zip(refs[:8], captions[:8])]},
+    }
+
+
+def fid_suite(ctx: _Context) -> dict:
+    n = ctx.options.fid_samples
+    feature_fn = ctx.feature_fn()
+    batch = 64
+    split = lambda images: (images[i:i + batch] for i in range(0, len(images), batch))
+    real = np.stack([r.image for r in ctx.references(n)])
+    generated = ctx.generated(n)
+    train_real = np.stack([r.image for r in heldout_references(ctx.config, n, split="train")])
+    real_stats = fid_lib.stats_of_images(split(real), feature_fn)
+    shown = ctx.options.grid_images
+    write_grid(ctx.path("fid_samples"), generated[:shown],
+               [r.caption for r in ctx.references(shown)])
+    return {
+        "fid": fid_lib.frechet_distance(fid_lib.stats_of_images(split(generated), feature_fn),
+                                        real_stats),
+        # Floor at this sample size: real training images vs. the held-out ones.
+        "fid_real_train_vs_eval": fid_lib.frechet_distance(
+            fid_lib.stats_of_images(split(train_real), feature_fn), real_stats),
+        "samples": n,
+    }
+
+
+SUITE_FNS: dict[str, Callable[[_Context], dict]] = {
+    "text": text_suite, "shapes": shapes_suite, "fid": fid_suite}
+
+
+def suites_for(name: str, config) -> tuple[str, ...]:
+    if name == "all":
+        applicable = ["text"]
+        if config.data.source == "shapes":
+            applicable.append("shapes")
+        if config.data.source != "none":
+            applicable.append("fid")
+        return tuple(applicable)
+    if name not in SUITE_FNS:
+        raise ValueError(f"unknown suite {name!r}; choose from {SUITES + ('all',)}")
+    return (name,)
+
+
+def as_model(model_or_params, config) -> nnx.Module:
+    """An nnx model, or the trainer's params (a pure dict, merged with the graphdef).
+    Params are fetched to the host first: evaluation runs on the default device.
+    None passes through (suites that only use an injected sampler need no model)."""
+    if model_or_params is None or isinstance(model_or_params, nnx.Module):
+        return model_or_params
+    from tfusion.train.params import abstract_model
+    graphdef, _ = abstract_model(config.model)
+    return nnx.merge(graphdef, jax.device_get(model_or_params))
+
+
+def write_result(workdir: str, name: str, result: dict) -> str:
+    directory = os.path.join(workdir, "eval")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+    with open(os.path.join(directory, f"{name}.jsonl"), "a") as f:
+        f.write(json.dumps(result, sort_keys=True) + "\n")
+    return path
+
+
+def scalar_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """Nested suite metrics -> flat {"shapes/generation/color": 0.9, ...} numbers (for
+    metrics.jsonl / TensorBoard); lists and strings are left out."""
+    flat = {}
+    for key, value in result.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(scalar_metrics(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def run_eval_suite(name: str, model_or_params, config, workdir: str,
+                   step: Optional[int] = None, *, options: EvalOptions = EvalOptions(),
+                   sampler=None, feature_fn=None) -> dict:
+    """Runs suite `name` ("text", "shapes", "fid" or "all") and writes its JSON.
+
+    model_or_params: an nnx Transfusion model or the train state's params dict.
+    sampler: object with .images(captions) -> pixels [N, H, W, 3] in [-1, 1] and
+      .captions(pixels) -> list[str]; default: the model through tfusion.inference.
+    feature_fn: FID features, images [N, H, W, 3] in [-1, 1] -> [N, D]; default: the
+      shapes feature network (data.source == "shapes" only).
+    Returns {suite: metrics} for every suite run.
+    """
+    names = suites_for(name, config)
+    ctx = _Context(as_model(model_or_params, config), config, workdir, step, options,
+                   sampler, feature_fn)
+    results = {}
+    for suite in names:
+        start = time.perf_counter()
+        metrics = SUITE_FNS[suite](ctx)
+        result = {"suite": suite, "step": step, "metrics": metrics,
+                  "seconds": time.perf_counter() - start}
+        write_result(workdir, suite, result)
+        _log.info("eval %s at step %s: %s", suite, step, json.dumps(scalar_metrics(metrics)))
+        results[suite] = metrics
+    if name == "all":
+        write_result(workdir, "all", {"suite": "all", "step": step, "metrics": results})
+    return results
