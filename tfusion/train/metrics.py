@@ -33,15 +33,28 @@ def console_line(step: int, total: int, metrics: dict, prefix: str = "train") ->
     return f"[{prefix} {step}/{total}] " + " ".join(parts)
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint; drop their old rows so
+    metrics.jsonl holds each step once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -1,0 +1,61 @@
+"""Train a Transfusion model.
+
+  python -m launch.train --config=experiments/registry.py:shapes_tiny --workdir=/tmp/run \\
+      [--config.train.steps=100 ...]
+
+Re-running with the same --workdir resumes from its newest checkpoint. Multi-host:
+run the same command on every host; jax.distributed is initialised from the
+environment (TPU slice, SLURM), or from --coordinator_address/--num_processes/
+--process_id (or TFUSION_COORDINATOR_ADDRESS / TFUSION_NUM_PROCESSES /
+TFUSION_PROCESS_ID). See docs/training.md.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/registry.py:shapes_tiny",
+    "Experiment config: experiments/registry.py:NAME; override fields with --config.X=Y.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, config).",
+                               required=True)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "",
+                                   "host:port of process 0 for jax.distributed (explicit mode).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Orbax logs every checkpoint file operation at INFO through absl: keep our lines.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("tfusion").setLevel(logging.INFO)
+    # Imported here so that jax is configured (platform, distributed) by flags first.
+    from tfusion.config import ConfigError
+    from tfusion.train import distributed
+    from tfusion.train.loop import NonFiniteError, train
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        result = train(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        logging.error("invalid config: %s", e)
+        sys.exit(2)
+    except NonFiniteError as e:
+        logging.error("%s", e)
+        sys.exit(3)
+    logging.getLogger("tfusion").info("finished: step %d (%s)", result.step, result.stopped)
+
+
+def run() -> None:
+    """Console script `tfusion-train`."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,244 @@
+"""The training loop: set-up, resume, steps, logging, evaluation, checkpoints, preemption.
+
+`train(config, workdir)` is the whole run; launch/train.py only parses flags and
+initialises jax.distributed. A run restarted with the same workdir resumes from the
+newest checkpoint (state, RNG and data-iterator state together), so the resumed
+steps see the same batches and the same noise as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from tfusion import losses, sharding
+from tfusion.batch import BatchSpec
+from tfusion.objective import Objective
+from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
+from tfusion.train.checkpoint import Checkpointer, iterator_state_for
+from tfusion.train.metrics import MetricsWriter, console_line, write_config
+from tfusion.train.params import abstract_model
+from tfusion.train.validate import validate_config
+
+_log = logging.getLogger("tfusion.train")
+
+# Contract key -> ndim (fixed by the batch contract, whatever the sizes).
+BATCH_NDIMS = {k: len(shape) for k, (shape, _) in BatchSpec(1, 1, 1, (1, 1, 1), 1).shapes().items()}
+EVAL_RNG_SALT = 2  # eval noise stream: fold_in(key(seed), 2); params use 0, train noise 1
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped after train.max_nonfinite_steps non-finite steps in a row."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    stopped: str  # "done" | "preempted"
+    last_metrics: dict
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        _log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _default_train_iterator(config, *, process_index, process_count):
+    import data_pipelines
+    return data_pipelines.make_train_iterator(config, process_index=process_index,
+                                              process_count=process_count)
+
+
+def _default_eval_iterator(config, *, process_index, process_count):
+    import data_pipelines
+    return data_pipelines.make_eval_iterator(config, process_index=process_index,
+                                             process_count=process_count)
+
+
+def _step_flops(model_cfg, local_batch) -> float:
+    """FLOPs of the global step, estimated as this process's batch times the processes."""
+    try:
+        from tfusion import flops
+    except ImportError:
+        return 0.0
+    return flops.train_step_flops(model_cfg, local_batch) * jax.process_count()
+
+
+class Trainer:
+    def __init__(self, config, workdir: str, *, train_iterator_fn: Callable | None = None,
+                 eval_iterator_fn: Callable | None = None, devices=None,
+                 validate_data: bool = True):
+        validate_config(config, None if devices is None else len(devices),
+                        validate_data=validate_data)
+        self.config, self.workdir = config, workdir
+        self.primary = jax.process_index() == 0
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        self.table = sharding.rule_table(config.mesh.rule_overrides)
+        t = config.train
+        self.tx = optimizer.make_optimizer(config.optimizer)
+        self.schedule = optimizer.learning_rate_schedule(config.optimizer, t.steps)
+        self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh, self.table)
+        graphdef, _ = abstract_model(config.model)
+        self.objective = Objective(graphdef, config)
+        train_step = step_lib.make_train_step(self.objective, self.tx, self.schedule,
+                                              t.grad_accum_steps, self.mesh, self.table)
+        self.step_fn = step_lib.jit_train_step(train_step, self.mesh, self.table,
+                                               self.state_sh, BATCH_NDIMS)
+        self.eval_fn = step_lib.make_eval_step(self.objective, self.mesh, self.table,
+                                               self.state_sh["params"], BATCH_NDIMS)
+        self.train_iterator_fn = train_iterator_fn or _default_train_iterator
+        self.eval_iterator_fn = eval_iterator_fn or _default_eval_iterator
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         t.keep_checkpoints)
+        self.writer = None
+        self.peak_flops = mfu.peak_flops_per_device(t.peak_flops_per_device)
+
+    # --- set-up ---
+
+    def _iterator(self, fn):
+        return fn(self.config, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+
+    def restore_or_init(self, data_iterator):
+        """The newest checkpoint's state (in this mesh's shardings) or a fresh state."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            _, state = state_lib.init_state(self.config.model, self.tx, self.mesh, self.table,
+                                            self.config.train.seed, self.state_sh)
+            return state
+        target = state_lib.abstract_state(self.config.model, self.tx, self.state_sh)
+        state, data = self.checkpointer.restore(latest, target)
+        it_state = iterator_state_for(data, jax.process_index(), jax.process_count())
+        if it_state is not None:
+            data_iterator.set_state(it_state)
+        _log.info("resumed from checkpoint step %d (%s)", latest, self.checkpointer.directory)
+        return state
+
+    # --- pieces of the loop ---
+
+    def save(self, step: int, state: dict, data_iterator) -> None:
+        states = distributed.allgather_json(data_iterator.get_state())
+        self.checkpointer.save(step, state, states)
+
+    def evaluate(self, params) -> dict:
+        it = self._iterator(self.eval_iterator_fn)
+        key = jax.random.fold_in(jax.random.key(self.config.train.seed), EVAL_RNG_SALT)
+        total = None
+        for i, local in enumerate(it):
+            batch = distributed.global_batch(local, self.mesh, self.table)
+            sums = self.eval_fn(params, batch, jax.random.fold_in(key, i))
+            total = sums if total is None else jax.tree.map(np.add, total, sums)
+        if total is None:
+            return {}
+        values = losses.combine(jax.device_get(total), self.objective.diffusion_weight)
+        return {k: float(v) for k, v in values.items()}
+
+    def _log_metrics(self, step: int, interval: list, seconds: float, flops: float) -> dict:
+        fetched = jax.device_get(interval)
+        last = fetched[-1]
+        out = {k: float(last[k]) for k in ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr")}
+        tokens = sum(float(m["text_tokens"]) + float(m["patch_tokens"]) for m in fetched)
+        out.update(text_tokens=int(last["text_tokens"]), patch_tokens=int(last["patch_tokens"]),
+                   tokens_per_s=tokens / max(seconds, 1e-9),
+                   step_s=seconds / len(fetched),
+                   mfu=mfu.mfu(flops / len(fetched), seconds / len(fetched),
+                               jax.device_count(), self.peak_flops),
+                   skipped_total=int(last["nonfinite_total"]))
+        self.writer.write(step, out)
+        if self.primary:
+            _log.info(console_line(step, self.config.train.steps, out))
+        return out
+
+    # --- the loop ---
+
+    def run(self) -> TrainResult:
+        cfg = self.config.train
+        if self.primary:
+            write_config(self.workdir, self.config)
+        data_iterator = self._iterator(self.train_iterator_fn)
+        state = self.restore_or_init(data_iterator)
+        step = int(jax.device_get(state["step"]))
+        self.writer = MetricsWriter(self.workdir, enabled=self.primary, resume_step=step)
+        _log.info("mesh %s, %d processes, start at step %d of %d",
+                  sharding.describe(self.mesh), jax.process_count(), step, cfg.steps)
+        # The first logged interval includes compilation time.
+        interval, flops, last = [], 0.0, {}
+        tick, stopped, previous = time.perf_counter(), "done", None
+        with _Preemption() as preemption:
+            while step < cfg.steps:
+                if distributed.any_process(preemption.requested):
+                    self.save(step, state, data_iterator)
+                    stopped = "preempted"
+                    break
+                local = next(data_iterator)
+                flops += _step_flops(self.config.model, local)
+                batch = distributed.global_batch(local, self.mesh, self.table)
+                state, metrics = self.step_fn(state, batch)
+                step += 1
+                interval.append(metrics)
+                # The previous step's counter: reading it does not wait for this step.
+                if previous is not None:
+                    self._check_nonfinite(step - 1, previous)
+                previous = metrics
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    jax.block_until_ready(metrics)
+                    now = time.perf_counter()
+                    last = self._log_metrics(step, interval, now - tick, flops)
+                    interval, flops, tick = [], 0.0, now
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    ev = self.evaluate(state["params"])
+                    self.writer.write(step, ev, prefix="eval")
+                    if self.primary:
+                        _log.info(console_line(step, cfg.steps, ev, prefix="eval"))
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                    # While updates are being skipped, keep the last good checkpoint.
+                    self._check_nonfinite(step, metrics)
+                    if int(jax.device_get(metrics["nonfinite_run"])) == 0:
+                        self.save(step, state, data_iterator)
+            if stopped == "done" and previous is not None:
+                self._check_nonfinite(step, previous)
+        self.checkpointer.close()
+        self.writer.close()
+        close = getattr(data_iterator, "close", None)
+        if close:
+            close()
+        self.state = state
+        return TrainResult(step=step, stopped=stopped, last_metrics=last)
+
+    def _check_nonfinite(self, step: int, metrics: dict) -> None:
+        run = int(jax.device_get(metrics["nonfinite_run"]))
+        if run >= self.config.train.max_nonfinite_steps:
+            self.checkpointer.close()
+            last_good = self.checkpointer.latest_step()
+            raise NonFiniteError(
+                f"stopping at step {step}: {run} non-finite steps in a row (loss or gradients "
+                f"NaN/Inf; train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}). "
+                f"Last good checkpoint: step {last_good} in {self.checkpointer.directory}")
+
+
+def train(config, workdir: str, **kwargs) -> TrainResult:
+    """Runs (or resumes) training in `workdir`; see Trainer for the keyword arguments."""
+    return Trainer(config, workdir, **kwargs).run()

@@ -1,0 +1,76 @@
+"""Start-up validation of a whole experiment config; errors name the field."""
+from __future__ import annotations
+
+import jax
+
+from tfusion import sharding
+from tfusion.config import ConfigError, validate_diffusion_config, validate_model_config
+
+
+def validate_train_config(config) -> None:
+    t = config.train
+    for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints",
+                  "max_nonfinite_steps"):
+        if not isinstance(t[field], int) or t[field] <= 0:
+            raise ConfigError(f"train.{field}", f"must be a positive int, got {t[field]!r}")
+    for field in ("checkpoint_every", "eval_every", "sample_every"):
+        if not isinstance(t[field], int) or t[field] < 0:
+            raise ConfigError(f"train.{field}", f"must be an int >= 0 (0 = never), got {t[field]!r}")
+    if t.batch_size % t.grad_accum_steps:
+        raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
+                                                    f"batch_size={t.batch_size}")
+    if t.peak_flops_per_device < 0:
+        raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
+
+
+def validate_optimizer_config(o) -> None:
+    if not o.learning_rate > 0:
+        raise ConfigError("optimizer.learning_rate", f"must be > 0, got {o.learning_rate}")
+    if not 0 <= o.final_learning_rate <= o.learning_rate:
+        raise ConfigError("optimizer.final_learning_rate",
+                          f"{o.final_learning_rate} outside [0, learning_rate={o.learning_rate}]")
+    if o.warmup_steps < 0:
+        raise ConfigError("optimizer.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    for field in ("b1", "b2"):
+        if not 0 <= o[field] < 1:
+            raise ConfigError(f"optimizer.{field}", f"{o[field]} outside [0, 1)")
+    if not o.eps > 0:
+        raise ConfigError("optimizer.eps", f"must be > 0, got {o.eps}")
+    if o.weight_decay < 0:
+        raise ConfigError("optimizer.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if o.grad_clip < 0:
+        raise ConfigError("optimizer.grad_clip", f"must be >= 0 (0 = off), got {o.grad_clip}")
+
+
+def validate_mesh_config(config, num_devices: int, process_count: int) -> dict:
+    """Returns the resolved mesh axis sizes; the batch must split over its axes."""
+    try:
+        sizes = sharding.mesh_shape(config.mesh, num_devices)
+        sharding.rule_table(config.mesh.rule_overrides)
+    except ValueError as e:
+        raise ConfigError("mesh", str(e)) from e
+    batch_ways = sizes["data"] * sizes["fsdp"]
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % batch_ways:
+        raise ConfigError("train.batch_size",
+                          f"microbatch {micro} rows (batch_size / grad_accum_steps) must divide "
+                          f"over data x fsdp = {batch_ways} devices")
+    if config.train.batch_size % process_count:
+        raise ConfigError("train.batch_size",
+                          f"{config.train.batch_size} rows do not split over {process_count} "
+                          "processes")
+    return sizes
+
+
+def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
+                    validate_data: bool = True) -> None:
+    """Everything the run needs, checked before any compilation or data loading."""
+    validate_model_config(config.model)
+    validate_diffusion_config(config.diffusion)
+    if validate_data:
+        from data_pipelines.config import validate_data_config
+        validate_data_config(config)
+    validate_train_config(config)
+    validate_optimizer_config(config.optimizer)
+    validate_mesh_config(config, jax.device_count() if num_devices is None else num_devices,
+                         jax.process_count() if process_count is None else process_count)
