@@ -37,6 +37,8 @@ def train_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # newest N checkpoints kept
     c.eval_every = 0  # steps between held-out evaluations; 0 = never during training
     c.sample_every = 0  # steps between sample grids in workdir/samples/; 0 = never
+    c.sample_prompts = ("a red circle", "a large blue square at the center",
+                        "a small green triangle at the top left and a yellow circle")
     # Non-finite loss/grads: the update is skipped and counted; after this many in a
     # row the run stops (last good checkpoint kept).
     c.max_nonfinite_steps = 5

@@ -14,7 +14,7 @@ def shapes_tiny():
                    latent_width=16, latent_channels=3, patch_size=2,
                    timestep_embed_dim=64, dtype="float32", scan_layers=False)
     # Held-out loss (data.eval_batches batches) at every checkpoint: a few seconds.
-    c.train.update(steps=1200, batch_size=8, log_every=25, checkpoint_every=300,
+    c.train.update(steps=1200, batch_size=8, log_every=25, checkpoint_every=300, sample_every=600,
                    eval_every=300, keep_checkpoints=2)
     c.optimizer.update(learning_rate=2e-3, warmup_steps=100, final_learning_rate=1e-4,
                        weight_decay=0.1)

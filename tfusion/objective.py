@@ -18,13 +18,20 @@ class Objective:
         self.diffusion_weight = float(config.diffusion.loss_weight)
         self.z_loss_weight = float(config.get("loss", {}).get("z_loss_weight", 0.0))
 
-    def sums(self, params, batch: dict, rng: jax.Array) -> dict:
-        """Loss sums and counts of one (micro)batch; t and noise are drawn here."""
+    def draw_noise(self, batch: dict, rng: jax.Array):
+        """(noisy images, t, noise) for every image slot of the batch."""
+        return diffusion.noise_images(rng, batch["images"], batch["image_t_max"], self.alpha_bar)
+
+    def sums_given_noise(self, params, batch: dict, noisy, t, noise) -> dict:
+        """Loss sums and counts with t and noise fixed (gradient accumulation draws them
+        once for the global batch, then cuts microbatches)."""
         model = nnx.merge(self.graphdef, params)
-        noisy, t, noise = diffusion.noise_images(rng, batch["images"], batch["image_t_max"],
-                                                 self.alpha_bar)
         logits, eps = model(batch, noisy, t)
         return losses.transfusion_sums(logits, eps, noise, batch, self.z_loss_weight)
+
+    def sums(self, params, batch: dict, rng: jax.Array) -> dict:
+        """Loss sums and counts of one batch; t and noise are drawn here."""
+        return self.sums_given_noise(params, batch, *self.draw_noise(batch, rng))
 
     def loss(self, params, batch: dict, rng: jax.Array):
         """(scalar loss, aux) for jax.value_and_grad(has_aux=True)."""

@@ -156,6 +156,24 @@ class Trainer:
         values = losses.combine(jax.device_get(total), self.objective.diffusion_weight)
         return {k: float(v) for k, v in values.items()}
 
+    def write_samples(self, step: int, params) -> None:
+        """A grid of images for config.train.sample_prompts in workdir/samples/ (the
+        inference engine's code path, so samples show what generate would give)."""
+        from data_pipelines import build_tokenizer
+        from jax.experimental import multihost_utils
+        from tfusion.inference.samples import write_sample_grid
+
+        # Every process joins the gather; only the primary samples and writes.
+        params = multihost_utils.process_allgather(params, tiled=True)
+        if not self.primary:
+            return
+        out = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        write_sample_grid((self.objective.graphdef, params), self.config,
+                          build_tokenizer(self.config), list(self.config.train.sample_prompts),
+                          out, seed=self.config.train.seed)
+        _log.info("samples written to %s", out)
+
     def _log_metrics(self, step: int, interval: list, seconds: float, flops: float) -> dict:
         fetched = jax.device_get(interval)
         last = fetched[-1]
@@ -213,6 +231,8 @@ class Trainer:
                     self.writer.write(step, ev, prefix="eval")
                     if self.primary:
                         _log.info(console_line(step, cfg.steps, ev, prefix="eval"))
+                if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    self.write_samples(step, state["params"])
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     # While updates are being skipped, keep the last good checkpoint.
                     self._check_nonfinite(step, metrics)

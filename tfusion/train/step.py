@@ -14,23 +14,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfusion import diffusion, losses, sharding
+from tfusion import losses, sharding
 from tfusion.objective import Objective
 from tfusion.train.grad import batch_shardings
 from tfusion.train.state import step_key
 
 METRIC_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "text_tokens",
                "patch_tokens", "skipped", "nonfinite_run", "nonfinite_total")
-
-
-def noised_sums(objective: Objective, params, batch: dict, noisy, t, noise) -> dict:
-    """Objective.sums with t and noise given (drawn once per global batch)."""
-    model = nnx.merge(objective.graphdef, params)
-    logits, eps = model(batch, noisy, t)
-    return losses.transfusion_sums(logits, eps, noise, batch, objective.z_loss_weight)
 
 
 def global_counts(batch: dict) -> dict:
@@ -58,12 +50,11 @@ def split_microbatches(tree, num: int, mesh: Mesh | None, table):
 def loss_and_grads(objective: Objective, params, batch: dict, rng, accum: int,
                    mesh: Mesh | None, table):
     """(global sums, grads of the global-batch loss) with `accum` scanned microbatches."""
-    noisy, t, noise = diffusion.noise_images(rng, batch["images"], batch["image_t_max"],
-                                             objective.alpha_bar)
+    noisy, t, noise = objective.draw_noise(batch, rng)
     counts = global_counts(batch)
 
     def micro_loss(p, micro):
-        sums = noised_sums(objective, p, *micro)
+        sums = objective.sums_given_noise(p, *micro)
         scaled = losses.combine(dict(sums, **counts), objective.diffusion_weight)
         return scaled["loss"], sums
 
