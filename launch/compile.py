@@ -110,11 +110,13 @@ def analytic_flops(config) -> float:
 
 
 def scan_corrected_flops(config, devices) -> float:
-    """Global compiled FLOPs with the scanned layers counted depth times."""
+    """Global compiled FLOPs with the layers counted depth times: XLA counts a scan
+    body once, so compile depth 1 and 2 unrolled and extrapolate the per-layer cost."""
     per_depth = []
     for depth in (1, 2):
         shallow = config.copy_and_resolve_references()
         shallow.model.depth = depth
+        shallow.model.scan_layers = False
         per_depth.append(compiled_flops(compile_step(shallow, devices)[0]))
     body = per_depth[1] - per_depth[0]
     return (per_depth[0] + (config.model.depth - 1) * body) * len(devices)
