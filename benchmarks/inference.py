@@ -127,8 +127,7 @@ def main():
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), jax=jax.__version__,
                      devices=[str(d) for d in jax.devices()],
-                     load_average_before=load_before, load_average_after=os.getloadavg(),
-                     note="CPU shared with other engineers' test runs; see load averages"),
+                     load_average_before=load_before, load_average_after=os.getloadavg()),
         command=" ".join([os.path.basename(sys.executable), "-m", "benchmarks.inference"] + sys.argv[1:]),
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
