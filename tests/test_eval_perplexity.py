@@ -5,26 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.numpy_reference import numpy_text_nll
 from tests.packed_batches import random_batch, tiny_config
 from tfusion import diffusion
 from tfusion.eval.heldout import HeldoutEvaluator, heldout_metrics
 from tfusion.model.transfusion import Transfusion
-
-
-def numpy_text_nll(logits, batch):
-    """Sum and count of next-token NLL where token i and i+1 are text of one document."""
-    seg, img, tok = (np.asarray(batch[k]) for k in ("segment_ids", "image_index", "tokens"))
-    total, count = 0.0, 0
-    for b in range(tok.shape[0]):
-        for i in range(tok.shape[1] - 1):
-            text_here = seg[b, i] > 0 and img[b, i] < 0
-            text_next = seg[b, i + 1] == seg[b, i] and img[b, i + 1] < 0
-            if text_here and text_next:
-                row = logits[b, i].astype(np.float64)
-                log_z = np.log(np.exp(row - row.max()).sum()) + row.max()
-                total += log_z - row[tok[b, i + 1]]
-                count += 1
-    return total, count
 
 
 @pytest.fixture(scope="module")

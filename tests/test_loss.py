@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.numpy_reference import numpy_text_nll
 from tests.packed_batches import random_batch, tiny_config, tiny_model_config
 from tfusion import losses
 from tfusion.batch import BatchSpec, assemble_rows
@@ -14,20 +15,12 @@ from tfusion.objective import Objective
 
 
 def numpy_loss(logits, eps_pred, noise, batch, lam, z=0.0):
-    tok, seg, img = batch["tokens"], batch["segment_ids"], batch["image_index"]
-    nll = []
-    for r in range(tok.shape[0]):
-        for i in range(tok.shape[1] - 1):
-            text_i = seg[r, i] > 0 and img[r, i] < 0
-            text_next = seg[r, i + 1] == seg[r, i] and img[r, i + 1] < 0
-            if text_i and text_next:
-                row = logits[r, i].astype(np.float64)
-                lse = np.log(np.sum(np.exp(row - row.max()))) + row.max()
-                nll.append(lse - row[tok[r, i + 1]] + z * lse ** 2)
+    tok = batch["tokens"]
+    total, count = numpy_text_nll(logits, batch, z)
     mses = [np.mean((eps_pred[r, m] - noise[r, m]) ** 2)
             for r in range(tok.shape[0]) for m in range(batch["image_mask"].shape[1])
             if batch["image_mask"][r, m]]
-    lm = np.mean(nll) if nll else 0.0
+    lm = total / count if count else 0.0
     ddpm = np.mean(mses) if mses else 0.0
     return lm + lam * ddpm, lm, ddpm
 
