@@ -53,14 +53,14 @@ class ModelSampler:
     """Image generation and captioning with one model through the inference engine."""
 
     def __init__(self, model, config, settings: SamplingSettings = SamplingSettings(),
-                 progress=None):
+                 progress=None, tokenizer=None):
         from data_pipelines import build_tokenizer
         from tfusion.inference.engine import Engine
         from tfusion.inference.options import GenerationOptions, SpecialTokens
         from tfusion.inference.samples import clip_for
 
         self.config, self.settings, self.progress = config, settings, progress
-        self.tokenizer = build_tokenizer(config)
+        self.tokenizer = tokenizer or build_tokenizer(config)
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
         self.engine = Engine(model, config.diffusion)
         overrides = {} if settings.steps is None else {"steps": settings.steps}

@@ -8,9 +8,7 @@ from typing import Sequence
 import numpy as np
 from flax import nnx
 
-from tfusion.inference.engine import Engine
-from tfusion.inference.generate import generate
-from tfusion.inference.options import GenerationOptions, SpecialTokens
+from tfusion.inference.options import SpecialTokens
 
 
 def as_model(model_or_params):
@@ -42,24 +40,13 @@ def write_sample_grid(model_or_params, config, tokenizer, prompts: Sequence[str]
     steps None = config.diffusion.sample_steps; cfg_scale -1 = config's, None = off.
     Image i uses seed + i, so a grid is reproducible and independent of batch_size.
     """
-    from tfusion.eval.generation import latents_to_pixels
+    from tfusion.eval.generation import ModelSampler, SamplingSettings
     from tfusion.eval.grid import write_grid
 
-    engine = Engine(as_model(model_or_params), config.diffusion)
-    overrides = dict(max_new_tokens=0, max_images=0, clip_denoised=clip_for(config))
-    if steps is not None:
-        overrides["steps"] = steps
-    if cfg_scale != -1.0:
-        overrides["cfg_scale"] = cfg_scale
-    options = GenerationOptions.from_config(config, **overrides)
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    latents = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        outs = generate(engine, [text_to_image_prompt(tokenizer, c) for c in chunk], special,
-                        options, seeds=[seed + start + i for i in range(len(chunk))])
-        latents.extend(g.images[0] for g in outs)
-    write_grid(out_path, latents_to_pixels(np.stack(latents), config), list(prompts),
+    settings = SamplingSettings(batch_size=batch_size, steps=steps, cfg_scale=cfg_scale,
+                                seed=seed)
+    sampler = ModelSampler(as_model(model_or_params), config, settings, tokenizer=tokenizer)
+    write_grid(out_path, sampler.images(list(prompts)), list(prompts),
                columns=min(8, len(prompts)))
     with open(os.path.splitext(out_path)[0] + ".txt", "w") as f:
         f.write("\n".join(prompts) + "\n")
