@@ -59,7 +59,7 @@ def abstract_batch(config, mesh, table):
 
     from tfusion.batch import BatchSpec
     from tfusion.train.grad import batch_shardings
-    from tfusion.train.loop import BATCH_NDIMS
+    from tfusion.batch import BATCH_NDIMS
 
     m = config.model
     spec = BatchSpec(config.train.batch_size, config.data.seq_len, config.data.max_images_per_row,
@@ -74,7 +74,7 @@ def compile_step(config, devices):
     from tfusion import sharding
     from tfusion.objective import Objective
     from tfusion.train import optimizer, state as state_lib, step as step_lib
-    from tfusion.train.loop import BATCH_NDIMS
+    from tfusion.batch import BATCH_NDIMS
     from tfusion.train.params import abstract_model
 
     mesh = sharding.make_mesh(config.mesh, devices)

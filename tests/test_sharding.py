@@ -6,7 +6,8 @@ import pytest
 from tests.packed_batches import random_batch, tiny_config
 from tfusion import sharding
 from tfusion.objective import Objective
-from tfusion.train.grad import contract_ndims, make_loss_and_grad
+from tfusion.batch import BATCH_NDIMS
+from tfusion.train.grad import make_loss_and_grad
 from tfusion.train.params import init_params
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
@@ -33,7 +34,7 @@ def test_sharded_matches_single_device(setup, mesh_cfg):
     table = sharding.rule_table()
     graphdef, params = init_params(config.model, mesh, table, seed=0)
     shardings = sharding.state_shardings(params, mesh, table)
-    step = make_loss_and_grad(objective, mesh, table, shardings, contract_ndims(batch))
+    step = make_loss_and_grad(objective, mesh, table, shardings, BATCH_NDIMS)
     (s_loss, s_aux), s_grads = step(params, batch, rng)
     np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
     np.testing.assert_allclose(s_aux["loss_lm"], aux["loss_lm"], rtol=1e-5)

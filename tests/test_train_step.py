@@ -8,7 +8,7 @@ from tests.train_fixtures import synthetic_config
 from tfusion import sharding
 from tfusion.objective import Objective
 from tfusion.train import optimizer, state as state_lib, step as step_lib
-from tfusion.train.loop import BATCH_NDIMS
+from tfusion.batch import BATCH_NDIMS
 from tfusion.train.params import abstract_model
 
 

@@ -57,6 +57,10 @@ class BatchSpec:
         }
 
 
+# Rank of every contract array (fixed by the contract, whatever the sizes).
+BATCH_NDIMS = {k: len(shape) for k, (shape, _) in BatchSpec(1, 1, 1, (1, 1, 1), 1).shapes().items()}
+
+
 class BatchContractError(ValueError):
     """A batch violates the contract; the message names the key and the rule."""
 

@@ -10,8 +10,6 @@ import math
 import ml_collections
 
 MODALITY_LAYERS = ("linear", "unet")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_KERNELS = ("xla",)  # fast kernels register themselves (issue 9)
 IMAGE_ATTENTION = ("bidirectional", "causal")
 SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,7 +48,7 @@ def model_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute dtype of activations/matmuls; params stay float32
     c.param_dtype = "float32"
     c.scan_layers = True  # lax.scan over stacked layers (fast compile); False unrolls
-    c.remat_policy = "none"  # one of REMAT_POLICIES; applied per block
+    c.remat_policy = "none"  # a key of tfusion/model/transformer.py REMAT_POLICIES; per block
     # --- attention ---
     c.attention_kernel = "xla"  # dispatcher key, see tfusion/attention.py
     # Paper: full attention among the patches of one image. "causal" is the ablation.
@@ -129,8 +127,9 @@ def validate_model_config(c: ml_collections.ConfigDict, prefix: str = "model") -
                                   f"{len(c.unet_channels)}")
         if any(ch % 32 for ch in c.unet_channels):
             fail("unet_channels", "each level's channels must be a multiple of 32")
+    from tfusion.model.transformer import REMAT_POLICIES  # late: the model imports config
     if c.remat_policy not in REMAT_POLICIES:
-        fail("remat_policy", f"unknown {c.remat_policy!r}; choose from {REMAT_POLICIES}")
+        fail("remat_policy", f"unknown {c.remat_policy!r}; choose from {tuple(REMAT_POLICIES)}")
     if c.image_attention not in IMAGE_ATTENTION:
         fail("image_attention", f"unknown {c.image_attention!r}; choose from {IMAGE_ATTENTION}")
     for field in ("dtype", "param_dtype"):

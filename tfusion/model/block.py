@@ -6,6 +6,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from tfusion import attention
@@ -69,6 +70,8 @@ class SelfAttention(nnx.Module):
                          v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at))
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
         out = attention.dot_product_attention(q, k, v, ctx.mask, kernel=self.kernel_name)
+        # Named so the "save_attention_out" remat policy keeps it instead of recomputing.
+        out = checkpoint_name(out, "attention_out")
         out = out.reshape(b, l, self.num_heads * self.head_dim)
         return self.out(out), cache
 

@@ -7,7 +7,6 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfusion import sharding
-from tfusion.batch import BATCH_KEYS
 from tfusion.objective import Objective
 
 
@@ -30,6 +29,3 @@ def make_loss_and_grad(objective: Objective, mesh: Mesh, table, param_shardings,
         out_shardings=((replicated, replicated), param_shardings),
     )
 
-
-def contract_ndims(batch) -> dict[str, int]:
-    return {k: batch[k].ndim for k in BATCH_KEYS if k in batch}

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from tfusion import losses, sharding
-from tfusion.batch import BatchSpec
+from tfusion.batch import BATCH_NDIMS
 from tfusion.objective import Objective
 from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
@@ -29,8 +29,6 @@ from tfusion.train.validate import validate_config
 
 _log = logging.getLogger("tfusion.train")
 
-# Contract key -> ndim (fixed by the batch contract, whatever the sizes).
-BATCH_NDIMS = {k: len(shape) for k, (shape, _) in BatchSpec(1, 1, 1, (1, 1, 1), 1).shapes().items()}
 EVAL_RNG_SALT = 2  # eval noise stream: fold_in(key(seed), 2); params use 0, train noise 1
 
 
