@@ -72,12 +72,10 @@ def _fwd_kernel(kv_lo, kv_hi, q_ref, k_ref, v_ref, ks_ref, ke_ref, o_ref, lse_re
         lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def forward(q, k, v, k_start, k_end, r: BlockRanges, *, scale, block_q, block_k,
-            interpret):
-    """(out [B, H, Lq, D], lse [B, H, Lq] float32)."""
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    group, nq, nk = h // hkv, lq // block_q, lk // block_k
+def _query_walk_specs(group: int, nq: int, block_q: int, block_k: int, d: int):
+    """Block specs of the query-block-major walk (grid b, h, i, j) shared by the forward
+    and dq kernels: (q-like [B,H,Lq,D], kv [B,Hkv,Lk,D] at the visited block, per-row
+    [B,Lq,LANES], per-head-row [B,H,Lq,LANES])."""
 
     def kv_map(bi, hi, i, j, lo_ref, hi_ref):
         return bi, hi // group, _visit(lo_ref, hi_ref, bi * nq + i, j)[1], 0
@@ -85,8 +83,19 @@ def forward(q, k, v, k_start, k_end, r: BlockRanges, *, scale, block_q, block_k,
     q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
     kv_spec = pl.BlockSpec((None, None, block_k, d), kv_map)
     row_spec = pl.BlockSpec((None, block_q, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
-    lse_spec = pl.BlockSpec((None, None, block_q, LANES),
-                            lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    head_row_spec = pl.BlockSpec((None, None, block_q, LANES),
+                                 lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    return q_spec, kv_spec, row_spec, head_row_spec
+
+
+def forward(q, k, v, k_start, k_end, r: BlockRanges, *, scale, block_q, block_k,
+            interpret):
+    """(out [B, H, Lq, D], lse [B, H, Lq] float32)."""
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    group, nq, nk = h // hkv, lq // block_q, lk // block_k
+
+    q_spec, kv_spec, row_spec, lse_spec = _query_walk_specs(group, nq, block_q, block_k, d)
     kernel = functools.partial(_fwd_kernel, scale=scale, block_k=block_k, nq=nq)
     out, lse = pl.pallas_call(
         kernel,
@@ -165,14 +174,7 @@ def backward(q, k, v, k_start, k_end, r: BlockRanges, lse, do, delta, *, scale, 
     lse, delta = _lanes(lse), _lanes(delta)
 
     # dq: the forward's walk (query block outer, its kv blocks inner).
-    def kv_map(bi, hi, i, j, lo_ref, hi_ref):
-        return bi, hi // group, _visit(lo_ref, hi_ref, bi * nq + i, j)[1], 0
-
-    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, i, j, *_: (bi, hi, i, 0))
-    kv_spec = pl.BlockSpec((None, None, block_k, d), kv_map)
-    row_spec = pl.BlockSpec((None, block_q, LANES), lambda bi, hi, i, j, *_: (bi, i, 0))
-    vec_spec = pl.BlockSpec((None, None, block_q, LANES),
-                            lambda bi, hi, i, j, *_: (bi, hi, i, 0))
+    q_spec, kv_spec, row_spec, vec_spec = _query_walk_specs(group, nq, block_q, block_k, d)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, block_k=block_k, nq=nq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
