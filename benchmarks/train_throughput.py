@@ -5,8 +5,8 @@
 
 Scenarios (benchmarks/workloads.py):
   fixed  every sample 56 text tokens + one 8x8-patch image (120 tokens), 16 rows of 120;
-  mix    captions 8-120 tokens, 1-2 images per sample, first-fit packed into rows;
-         useful tokens = non-pad tokens only.
+  mix    captions 8-120 tokens, 1-2 images per sample, packed into rows by the
+         framework's packer (data_pipelines.packing); useful tokens = non-pad tokens only.
 The step is the trainer's own (tfusion.train.loop.Trainer.step_fn: AdamW, clipping,
 non-finite skipping, donation), built from the experiment config with unrolled
 layers and no remat. MFU = useful FLOPs (tfusion.flops.train_step_flops) per second
@@ -75,41 +75,65 @@ def experiment_config(shape: workloads.Shape, rows: int, seq_len: int, max_image
     return c
 
 
-def contract_batch(samples, rows_of_indices, shape, spec, rng, pad_id: int):
-    """Lays sample rows out with tfusion.batch.assemble_rows (BOS=1 EOS=2 BOI=3 EOI=4)."""
+def sample_document(sample, shape: workloads.Shape, rng):
+    """A benchmark sample as a tfusion document (BOS=1 EOS=2 BOI=3 EOI=4)."""
     import numpy as np
 
-    from tfusion.batch import ImageSegment, assemble_rows
+    from tfusion.batch import ImageSegment
 
-    def document(sample):
-        caption, images = sample
-        text = rng.integers(5, shape.vocab, size=caption, dtype=np.int32)
-        segments = [np.concatenate([[1], text, [3]]).astype(np.int32)]
-        for i in range(images):
-            latent = rng.standard_normal(shape.latent, dtype=np.float32)
-            segments.append(ImageSegment(latent, t_max=999))
-            segments.append(np.array([4, 3] if i + 1 < images else [4, 2], np.int32))
-        return segments
-
-    rows = [[document(samples[i]) for i in row] for row in rows_of_indices]
-    return assemble_rows(rows, spec, pad_id)
+    caption, images = sample
+    text = rng.integers(5, shape.vocab, size=caption, dtype=np.int32)
+    segments = [np.concatenate([[1], text, [3]]).astype(np.int32)]
+    for i in range(images):
+        latent = rng.standard_normal(shape.latent, dtype=np.float32)
+        segments.append(ImageSegment(latent, t_max=999))
+        segments.append(np.array([4, 3] if i + 1 < images else [4, 2], np.int32))
+    return segments
 
 
-def scenario_layout(name: str, shape: workloads.Shape, count: int, seed: int):
-    """(rows, seq_len, max_images, samples, batches of rows of sample indices)."""
-    if name == "fixed":
-        samples = workloads.fixed_samples(shape, shape.batch * count)
-        seq_len = workloads.useful_tokens(samples[0], shape)
-        return shape.batch, seq_len, 1, samples, [[[i] for i in b] for b in
-                                                  workloads.step_batches(count, shape.batch)]
-    rows, seq_len = shape.mix_rows, shape.mix_seq_len
-    max_images = seq_len // shape.patches  # as many as could ever fit
+def fixed_batches(shape: workloads.Shape, spec, count: int, seed: int, pad_id: int):
+    """`count` batches of shape.batch rows, one 120-token sample per row (no padding)."""
+    import numpy as np
+
+    from tfusion.batch import assemble_rows
+
+    rng = np.random.default_rng(seed)
+    samples = workloads.fixed_samples(shape, shape.batch)
+    return [assemble_rows([[sample_document(s, shape, rng)] for s in samples], spec, pad_id)
+            for _ in range(count)]
+
+
+def mix_batches(shape: workloads.Shape, spec, count: int, seed: int, pad_id: int):
+    """`count` batches of the mix packed by the framework's own packer
+    (data_pipelines.packing: first fit over 2 x rows open rows, fullest row closed first),
+    fed the samples in order."""
+    import grain
+    import numpy as np
+
+    from data_pipelines.packing import STATS_KEY, PackingIterDataset
+    from data_pipelines.records import DocItem
+
     # Enough samples for `count` batches even at the densest packing.
-    samples = workloads.mix_samples(shape, rows * max_images * (count + 1), seed)
-    batches, _ = workloads.first_fit_rows(samples, shape, rows, seq_len, max_images)
-    if len(batches) < count:
-        raise RuntimeError("not enough mix samples for the requested batches")
-    return rows, seq_len, max_images, samples, batches[:count]
+    samples = workloads.mix_samples(shape, spec.batch_size * spec.max_images * (count + 2), seed)
+    docs = grain.MapDataset.source(samples).map_with_index(
+        lambda i, s: DocItem(document=sample_document(s, shape, np.random.default_rng([seed, i]))))
+    it = iter(PackingIterDataset(docs, spec, pad_id))
+    batches = [next(it) for _ in range(count)]
+    for batch in batches:
+        if batch.pop(STATS_KEY).get("skipped", 0):
+            raise RuntimeError("a mix sample did not fit a row")
+    return batches
+
+
+def scenario_spec(name: str, shape: workloads.Shape):
+    """BatchSpec of the scenario's steps."""
+    from tfusion.batch import BatchSpec
+
+    if name == "fixed":
+        seq_len = workloads.useful_tokens(workloads.fixed_samples(shape, 1)[0], shape)
+        return BatchSpec(shape.batch, seq_len, 1, shape.latent, shape.patch)
+    max_images = shape.mix_seq_len // shape.patches  # as many as could ever fit
+    return BatchSpec(shape.mix_rows, shape.mix_seq_len, max_images, shape.latent, shape.patch)
 
 
 def time_steps(step_fn, state, batches, warmup: int, steps: int):
@@ -142,17 +166,16 @@ def run_scenario(name: str, shape: workloads.Shape, warmup: int, steps: int, see
     import numpy as np
 
     from tfusion import flops
-    from tfusion.batch import BatchSpec
     from tfusion.train import state as state_lib
     from tfusion.train.loop import Trainer
 
     distinct = min(warmup + steps, 4)  # batches cycled; shapes are static, so no recompiles
-    rows, seq_len, max_images, samples, layout = scenario_layout(name, shape, distinct, seed)
+    spec = scenario_spec(name, shape)
+    rows, seq_len, max_images = spec.batch_size, spec.seq_len, spec.max_images
     config = experiment_config(shape, rows, seq_len, max_images)
     config.train.peak_flops_per_device = peak
-    spec = BatchSpec(rows, seq_len, max_images, shape.latent, shape.patch)
-    rng = np.random.default_rng(seed)
-    host = [contract_batch(samples, b, shape, spec, rng, config.model.pad_id) for b in layout]
+    make_batches = fixed_batches if name == "fixed" else mix_batches
+    host = make_batches(shape, spec, distinct, seed, config.model.pad_id)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(config, workdir, validate_data=False)
         _, state = state_lib.init_state(config.model, trainer.tx, trainer.mesh, trainer.table,
@@ -226,6 +249,8 @@ def main():
     parser.add_argument("--reference-warmup", type=int, default=1)
     parser.add_argument("--reference-steps", type=int, default=5)
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare JAX step (benchmarks/bare_jax_step.py)")
     parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-n", type=int, default=None,
@@ -251,6 +276,18 @@ def main():
                                     args.profile)
         print(f"[tfusion] {name}: {result[name]['tokens_per_s']:.0f} tokens/s, "
               f"MFU {result[name]['mfu']:.3f}", flush=True)
+    if not args.no_bare and "fixed" in scenarios:
+        # The ceiling: a bare JAX step of the fixed shape, same process, same peak.
+        import bare_jax_step
+
+        spec = scenario_spec("fixed", shape)
+        bare = bare_jax_step.run(shape, spec.batch_size, spec.seq_len, args.warmup, args.steps,
+                                 peaks[0], args.seed)
+        result["bare_jax"] = bare
+        result["fixed"]["fraction_of_bare_jax"] = (result["fixed"]["mfu_executed"]
+                                                   / bare["mfu_executed"])
+        print(f"[bare jax] fixed shape: MFU (executed) {bare['mfu_executed']:.3f}; tfusion "
+              f"reaches {result['fixed']['fraction_of_bare_jax']:.2f} of it", flush=True)
     load["after_tfusion"] = os.getloadavg()
     if not args.no_reference:
         ref = run_reference(args.shape, scenarios, args.reference_warmup, args.reference_steps,
@@ -276,6 +313,9 @@ def main():
         for key in ("mfu", "mfu_executed"):
             result[name][key] *= peaks[0] / peak
         result[name]["peak_flops"] = peak
+    if "bare_jax" in result:
+        result["bare_jax"]["mfu_executed"] *= peaks[0] / peak
+        result["bare_jax"]["peak_flops"] = peak
     result.update(peak_flops=peak, peak_flops_samples=peaks, peak_matmul_size=peak_n, load_average=load,
                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -49,10 +49,10 @@ class Shape:
 
 SHAPES = {
     # Issue 8's benchmark shape: 56 text + 64 patches of dim 16 = 120 tokens/sample.
-    # The mix (captions 8-120, 1-2 images: 77-254 tokens) packs into 384-token rows
-    # (~86% non-pad; 512 packs no better here and the dense CPU attention pays for
-    # every extra key); 8 rows x 384 = 3072 positions per step, about what the
-    # reference pads 16 samples to (16 x ~250).
+    # The mix (captions 8-120, 1-2 images: 77-254 tokens) is packed by the
+    # framework's packer into 384-token rows (the dense CPU attention pays for every
+    # extra key); 8 rows x 384 = 3072 positions per step, about what the reference
+    # pads 16 samples to (16 x ~250).
     "cpu-s": Shape(width=512, depth=8, heads=8, mlp_hidden=1408, vocab=1024,
                    latent=(16, 16, 4), patch=2, batch=16, fixed_caption=52,
                    mix_caption=(8, 120), mix_images=(1, 2), mix_rows=8, mix_seq_len=384),
@@ -84,34 +84,6 @@ def mix_samples(shape: Shape, count: int, seed: int) -> list[Sample]:
     ilo, ihi = shape.mix_images
     return [(int(rng.integers(lo, hi + 1)), int(rng.integers(ilo, ihi + 1)))
             for _ in range(count)]
-
-
-def first_fit_rows(samples: list[Sample], shape: Shape, rows: int, seq_len: int,
-                   max_images: int) -> tuple[list[list[list[int]]], int]:
-    """Packs samples, in order, into batches of `rows` rows (lists of sample indices).
-
-    First fit over the batch's open rows; a sample that fits in none closes the
-    batch and opens the next one. Returns (batches, samples used); a trailing
-    partial batch is dropped so every batch is a full training step.
-    """
-    batches, used = [], 0
-    members = [[] for _ in range(rows)]
-    room = [[seq_len, max_images] for _ in range(rows)]  # tokens, image slots left
-    for i, sample in enumerate(samples):
-        n, k = useful_tokens(sample, shape), sample[1]
-        if n > seq_len or k > max_images:
-            raise ValueError(f"sample {sample} does not fit a {seq_len}-token row")
-        slot = next((r for r in range(rows) if room[r][0] >= n and room[r][1] >= k), None)
-        if slot is None:
-            batches.append(members)
-            used = i
-            members = [[] for _ in range(rows)]
-            room = [[seq_len, max_images] for _ in range(rows)]
-            slot = 0
-        members[slot].append(i)
-        room[slot][0] -= n
-        room[slot][1] -= k
-    return batches, used
 
 
 def step_batches(count: int, size: int) -> list[list[int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tfusion.config import ConfigError
+from tfusion.config import ConfigError, image_token_offset
 
 IMAGE_SOURCES = ("shapes", "digits", "folder", "array_record", "tfds", "precomputed", "none")
 TEXT_SOURCES = ("captions", "files", "none")
@@ -153,21 +153,47 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
             latent = encoders.resolve(d.encoder, d.encoder_path).latent_shape(d.image_size)
         except ValueError as e:  # image size not divisible / not the encoded size
             _fail("image_size", str(e))
-        expected = (model.latent_height, model.latent_width, model.latent_channels)
-        if latent != expected:
-            _fail("image_size", f"encoder {d.encoder!r} at {d.image_size} px gives latents "
-                                f"{latent}, but model latent (H, W, C) is {expected}")
-        patches = (latent[0] // model.patch_size) * (latent[1] // model.patch_size)
-        if d.max_images_per_row < 1:
-            _fail("max_images_per_row", "image training needs at least one image slot")
-        if patches + 4 > d.seq_len:
-            _fail("seq_len", f"{d.seq_len} cannot hold one {patches}-patch image document")
-        if d.max_images_per_document > d.max_images_per_row:
-            _fail("max_images_per_document", f"{d.max_images_per_document} > "
-                                              f"max_images_per_row={d.max_images_per_row}")
+        if image_token_offset(model) is not None:
+            _validate_discrete_images(d, model, latent)
+        else:
+            _validate_continuous_images(d, model, latent)
     tok = tokenizer.build_tokenizer(config)
+    if image_token_offset(model) is not None and tok.vocab_size > image_token_offset(model):
+        _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but VQ "
+                           f"codes start at id {image_token_offset(model)} (model.vocab_size "
+                           f"- model.codebook_size)")
     if tok.vocab_size > model.vocab_size:
         _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but "
                            f"model.vocab_size is {model.vocab_size}")
     if tok.pad_id != model.pad_id:
         _fail("tokenizer", f"tokenizer pad id {tok.pad_id} != model.pad_id {model.pad_id}")
+
+
+def _validate_discrete_images(d, model, latent) -> None:
+    """Chameleon-style images: VQ code ids [h, w, 1], image_tokens of them, no slots."""
+    if d.encoder not in ("vq", "precomputed"):
+        _fail("encoder", f"discrete images (model.image_representation) need VQ code ids: "
+                         f"encoder 'vq' or 'precomputed' VQ ids, got {d.encoder!r}")
+    if len(latent) != 3 or latent[2] != 1 or latent[0] * latent[1] != model.image_tokens:
+        _fail("image_size", f"encoder {d.encoder!r} at {d.image_size} px gives codes {latent}, "
+                            f"but model.image_tokens is {model.image_tokens}")
+    if d.max_images_per_row:
+        _fail("max_images_per_row", "discrete images travel as tokens: no image slots (0)")
+    if model.image_tokens + 4 > d.seq_len:
+        _fail("seq_len", f"{d.seq_len} cannot hold one {model.image_tokens}-token image document")
+
+
+def _validate_continuous_images(d, model, latent) -> None:
+    """Transfusion images: latents of the model's shape, in image slots."""
+    expected = (model.latent_height, model.latent_width, model.latent_channels)
+    if latent != expected:
+        _fail("image_size", f"encoder {d.encoder!r} at {d.image_size} px gives latents "
+                            f"{latent}, but model latent (H, W, C) is {expected}")
+    patches = (latent[0] // model.patch_size) * (latent[1] // model.patch_size)
+    if d.max_images_per_row < 1:
+        _fail("max_images_per_row", "image training needs at least one image slot")
+    if patches + 4 > d.seq_len:
+        _fail("seq_len", f"{d.seq_len} cannot hold one {patches}-patch image document")
+    if d.max_images_per_document > d.max_images_per_row:
+        _fail("max_images_per_document", f"{d.max_images_per_document} > "
+                                          f"max_images_per_row={d.max_images_per_row}")

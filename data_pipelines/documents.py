@@ -7,10 +7,15 @@ Image documents (one caption order drawn per image):
   caption dropped (cfg_dropout, for CFG):    BOS BOI <image> EOI EOS, t_max = T-1
 Interleaved documents (multi_image_fraction) chain 2..max_images_per_document such
 pieces between one BOS and one EOS. Text documents are BOS text EOS.
+
+The discrete (Chameleon) baseline draws the same documents, but <image> is the
+image's VQ code ids shifted past the text vocabulary (code c -> token
+image_token_offset + c), inside the text like any token; there is no t_max.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import grain
 import numpy as np
@@ -20,6 +25,7 @@ from data_pipelines.images import prepare_image
 from data_pipelines.records import BadRecord, DocItem, ImageCaptionRecord, TextRecord, clean_text
 from data_pipelines.tokenizer import Tokenizer
 from tfusion.batch import ImageSegment
+from tfusion.config import image_token_offset
 
 _IMAGE_STREAM = 1  # rng stream id, so other streams can draw independently later
 
@@ -36,6 +42,8 @@ class DocumentOptions:
     multi_image_fraction: float
     max_images_per_document: int
     seed: int
+    image_token_offset: Optional[int] = None  # discrete baseline: token id of VQ code 0
+    codebook_size: int = 0
 
     @classmethod
     def from_config(cls, config) -> "DocumentOptions":
@@ -45,7 +53,9 @@ class DocumentOptions:
                    cfg_dropout=diffusion.cfg_dropout, noise_limit_t=diffusion.noise_limit_t,
                    full_t_max=diffusion.num_train_steps - 1,
                    multi_image_fraction=d.multi_image_fraction,
-                   max_images_per_document=d.max_images_per_document, seed=config.train.seed)
+                   max_images_per_document=d.max_images_per_document, seed=config.train.seed,
+                   image_token_offset=image_token_offset(config.model),
+                   codebook_size=int(config.model.get("codebook_size", 0)))
 
 
 class DocumentBuilder:
@@ -92,11 +102,28 @@ class DocumentBuilder:
                 before, after, t_max = [], caption, opt.noise_limit_t
             else:
                 before, after = caption, []
-            segments.append(np.asarray(pending + before + [self.tok.boi_id], np.int32))
-            segments.append(ImageSegment(latent=latent, t_max=t_max))
-            pending = [self.tok.eoi_id] + after
+            if opt.image_token_offset is None:
+                segments.append(np.asarray(pending + before + [self.tok.boi_id], np.int32))
+                segments.append(ImageSegment(latent=latent, t_max=t_max))
+                pending = [self.tok.eoi_id] + after
+                continue
+            try:
+                codes = self._code_tokens(latent)
+            except BadRecord as e:
+                return DocItem.skipped(e.reason, repairs)
+            pending = pending + before + [self.tok.boi_id] + codes + [self.tok.eoi_id] + after
         segments.append(np.asarray(pending + [self.tok.eos_id], np.int32))
         return DocItem(document=segments, repairs=repairs)
+
+    def _code_tokens(self, codes) -> list[int]:
+        """VQ code ids [h, w, 1] (raster order) -> token ids past the text vocabulary."""
+        codes = np.asarray(codes)
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise BadRecord("vq_codes_not_integer")
+        flat = codes.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.opt.codebook_size):
+            raise BadRecord("vq_code_out_of_range")
+        return (flat + self.opt.image_token_offset).tolist()
 
     def text_document(self, record: TextRecord) -> DocItem:
         if record.error:

@@ -35,3 +35,12 @@ def vq_shapes_tiny():
     c = _shapes_autoencoder("vq_shapes_tiny", "vq")
     c.autoencoder.update(num_vq_embeddings=256)
     return c
+
+
+def vq_shapes_micro():
+    """f4 VQ-VAE on 16 px shapes, 256 codes: the image tokenizer of the CPU micro
+    Chameleon runs (a 16 px image -> 4 x 4 = 16 tokens; experiments/micro.py)."""
+    c = _shapes_autoencoder("vq_shapes_micro", "vq")
+    c.data.image_size = 16
+    c.autoencoder.update(num_vq_embeddings=256)
+    return c

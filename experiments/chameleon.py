@@ -10,7 +10,7 @@ changes (paper, Section 4.1 baseline):
 """
 from __future__ import annotations
 
-from tfusion.config import ConfigError
+from tfusion.config import ConfigError, image_token_offset  # noqa: F401  (re-exported)
 from tfusion.scaling.compute import is_discrete  # noqa: F401  (re-exported for experiments)
 
 CODEBOOK_SIZE = 16_384  # paper / Chameleon's image tokenizer
@@ -33,11 +33,6 @@ def make_discrete(c, codebook_size: int = CODEBOOK_SIZE, image_tokens: int = IMA
     c.data.max_images_per_row = 0  # M = 0: images travel as token ids
     c.data.encoder = "vq"  # VQ tokenizer (autoencoder issue) turns images into code ids
     return c
-
-
-def image_token_offset(model_cfg) -> int:
-    """Id of VQ code 0: the first id after the text vocabulary (BOI/EOI included)."""
-    return model_cfg.vocab_size - model_cfg.codebook_size
 
 
 def validate_image_representation(c) -> None:

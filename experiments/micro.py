@@ -17,7 +17,9 @@ MICRO_SIZES = {
 }
 MICRO_STEPS = 500
 FAMILIES = ("transfusion", "chameleon")
-# Discrete shapes: 16 px images as 4 x 4 codes (an f4 VQ) from a 256-entry codebook.
+# Discrete shapes: 16 px images as 4 x 4 codes (an f4 VQ) from a 256-entry codebook:
+# the `vq_shapes_micro` autoencoder, whose weights data.encoder_path must name
+# (the cpu_micro sweep trains it first and passes the path).
 MICRO_CODEBOOK = 256
 MICRO_IMAGE_TOKENS = 16
 
@@ -34,7 +36,7 @@ def micro_config(family: str, size: str):
     c.model.update(depth=depth, width=width, num_heads=heads, mlp_hidden=mlp_hidden(width))
     # One held-out evaluation at the end: the scaling fit reads eval/* metrics.
     c.train.update(steps=MICRO_STEPS, log_every=50, checkpoint_every=250,
-                   eval_every=MICRO_STEPS)
+                   eval_every=MICRO_STEPS, sample_every=0)
     if family == "chameleon":
         chameleon.make_discrete(c, MICRO_CODEBOOK, MICRO_IMAGE_TOKENS)
     return c

@@ -88,6 +88,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                                   "f4c4 VAE on 32 px shapes (launch.train_autoencoder)"),
     "vq_shapes_tiny": Experiment(autoencoders.vq_shapes_tiny,
                                  "f4 VQ-VAE, 256 codes, 32 px shapes (launch.train_autoencoder)"),
+    "vq_shapes_micro": Experiment(autoencoders.vq_shapes_micro,
+                                  "f4 VQ-VAE, 256 codes, 16 px shapes: the micro Chameleon "
+                                  "runs' image tokenizer (launch.train_autoencoder)"),
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from experiments import ablations, micro, paper
+from tfusion.autoencoders.train_config import WEIGHTS_DIR
 
 
 class Run(NamedTuple):
@@ -15,6 +16,13 @@ class Run(NamedTuple):
     experiment: str  # registry name
     overrides: dict  # dotted config field -> value (--config.FIELD=VALUE)
     family: str  # scaling-law family the run belongs to ("transfusion", "chameleon")
+    # launch.<program> runs it: "train", or "train_autoencoder" for an image tokenizer
+    # that later runs of the sweep read (only "train" runs become scaling points).
+    program: str = "train"
+
+
+# In override values, replaced by the sweep's workdir (a path to an earlier run's output).
+SWEEP_DIR = "{sweep_dir}"
 
 
 class Sweep(NamedTuple):
@@ -67,10 +75,18 @@ def ablation_grid() -> list[Run]:
         Run(suffix, f"transfusion_{size}_{suffix}", {}, suffix) for suffix in ablations.ABLATIONS]
 
 
+MICRO_TOKENIZER_RUN = "vq_tokenizer"
+
+
 def cpu_micro() -> list[Run]:
-    """Four sizes x both families on shapes: the scaling pipeline end to end on a CPU."""
-    return [Run(f"{family}_{size}", f"micro_{family}_{size}", {}, family)
-            for family in micro.FAMILIES for size in micro.MICRO_SIZES]
+    """Four sizes x both families on shapes: the scaling pipeline end to end on a CPU.
+    The Chameleon runs' VQ tokenizer is trained first, in the same sweep."""
+    vq_weights = f"{SWEEP_DIR}/{MICRO_TOKENIZER_RUN}/{WEIGHTS_DIR}"
+    tokenizer = Run(MICRO_TOKENIZER_RUN, "vq_shapes_micro", {}, "tokenizer", "train_autoencoder")
+    return [tokenizer] + [
+        Run(f"{family}_{size}", f"micro_{family}_{size}",
+            {"data.encoder_path": vq_weights} if family == "chameleon" else {}, family)
+        for family in micro.FAMILIES for size in micro.MICRO_SIZES]
 
 
 def cpu_smoke() -> list[Run]:

@@ -35,25 +35,42 @@ _FLOPS_BATCHES = flags.DEFINE_integer("flops_batches", 2, "Data batches per run 
 _log = logging.getLogger("tfusion.sweep")
 
 
+def resolved_overrides(run, workdir: str) -> dict:
+    """The run's overrides with the sweep-dir placeholder replaced by `workdir`."""
+    from experiments.sweeps import SWEEP_DIR
+
+    return {field: value.replace(SWEEP_DIR, workdir) if isinstance(value, str) else value
+            for field, value in run.overrides.items()}
+
+
 def train_command(run, workdir: str, python: str = "python") -> list[str]:
-    cmd = [python, "-m", "launch.train", f"--config=experiments/registry.py:{run.experiment}",
+    cmd = [python, "-m", f"launch.{run.program}",
+           f"--config=experiments/registry.py:{run.experiment}",
            f"--workdir={os.path.join(workdir, run.name)}"]
-    return cmd + [f"--config.{field}={value}" for field, value in run.overrides.items()]
+    return cmd + [f"--config.{field}={value}"
+                  for field, value in resolved_overrides(run, workdir).items()]
 
 
-def run_config(run):
+def run_config(run, workdir: str):
     from experiments import ablations, registry
-    return ablations.apply_overrides(registry.get_config(run.experiment), run.overrides)
+    return ablations.apply_overrides(registry.get_config(run.experiment),
+                                     resolved_overrides(run, workdir))
+
+
+def run_finished(run, run_dir: str, workdir: str) -> bool:
+    from tfusion.scaling.collect import is_finished
+
+    if run.program == "train_autoencoder":  # weights are written once, at the end
+        from tfusion.autoencoders.train_config import WEIGHTS_DIR
+        return os.path.exists(os.path.join(run_dir, WEIGHTS_DIR, "config.json"))
+    return is_finished(run_dir, run_config(run, workdir).train.steps)
 
 
 def run_all(runs, workdir: str) -> None:
-    from tfusion.scaling.collect import is_finished
-
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for i, run in enumerate(runs):
         run_dir = os.path.join(workdir, run.name)
-        steps = run_config(run).train.steps
-        if is_finished(run_dir, steps):
+        if run_finished(run, run_dir, workdir):
             _log.info("[%d/%d] %s: finished, skipped", i + 1, len(runs), run.name)
             continue
         os.makedirs(run_dir, exist_ok=True)

@@ -22,7 +22,6 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment with an `autoencoder` section: experiments/registry.py:NAME.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
-AUTOENCODER_DIR = "autoencoder"
 
 
 def pixel_batches(data, split: str, batch_size: int, seed: int, repeat: bool):
@@ -88,7 +87,7 @@ def main(argv) -> None:
     from flax import nnx
 
     from tfusion.autoencoders import diffusers_weights
-    from tfusion.autoencoders.train_config import loss_config, validate
+    from tfusion.autoencoders.train_config import WEIGHTS_DIR, loss_config, validate
     from tfusion.autoencoders.training import AutoencoderTrainer
 
     config, workdir = _CONFIG.value, _WORKDIR.value
@@ -123,7 +122,7 @@ def main(argv) -> None:
         scale = 1.0 / max(results["latent_std"], 1e-6)
         model.cfg = dataclasses.replace(model.cfg, scaling_factor=scale)
         results["scaling_factor"] = scale
-    diffusers_weights.save_pretrained(model, os.path.join(workdir, AUTOENCODER_DIR))
+    diffusers_weights.save_pretrained(model, os.path.join(workdir, WEIGHTS_DIR))
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results), flush=True)

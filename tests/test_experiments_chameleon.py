@@ -11,6 +11,8 @@ from tfusion.model.rope import apply_rope, rope_angles
 from tfusion.model.transfusion import Transfusion
 from tfusion.objective import Objective
 
+from tests.packed_batches import random_batch, tiny_config
+
 BOI, EOI = 512, 513  # builtin tokenizer: 512 pieces, then BOI/EOI
 L = 32
 
@@ -112,3 +114,32 @@ def test_qk_norm_is_rmsnorm_of_q_and_k():
     attn.q_norm = attn.k_norm = None
     plain, _ = attn(x, BlockContext(sin=sin, cos=cos, mask=mask))
     assert not np.allclose(np.asarray(plain), want, atol=1e-3)
+
+
+def test_text_and_image_code_losses_split_the_lm_loss_by_pair_kind():
+    cfg = registry.get_config("micro_chameleon_w64")
+    batch, n = discrete_batch(cfg)
+    model = Transfusion(cfg.model, rngs=nnx.Rngs(2))
+    graphdef, params = nnx.split(model)
+    _, aux = Objective(graphdef, cfg).loss(params, batch, jax.random.key(0))
+    logits, _ = model(batch, batch["images"], jnp.zeros((1, 0), jnp.int32))
+    x = np.asarray(logits[0], np.float64)
+    tokens = np.asarray(batch["tokens"][0])
+    offset = chameleon.image_token_offset(cfg.model)
+    text, image = [], []
+    for i in range(n - 1):  # brute force over the document's next-token pairs
+        nll = np.log(np.exp(x[i] - x[i].max()).sum()) + x[i].max() - x[i, tokens[i + 1]]
+        both_text = tokens[i] < offset and tokens[i + 1] < offset
+        (text if both_text else image).append(nll)
+    assert len(text) == 5 and len(image) == cfg.model.image_tokens + 1  # BOI->c0 .. c15->EOI
+    np.testing.assert_allclose(float(aux["loss_text"]), np.mean(text), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["loss_image_tokens"]), np.mean(image), rtol=1e-5)
+
+
+def test_transfusion_text_loss_is_its_lm_loss():
+    cfg = tiny_config()
+    batch, _, _ = random_batch(0, cfg.model, batch_size=2, seq_len=48)
+    graphdef, params = nnx.split(Transfusion(cfg.model, rngs=nnx.Rngs(0)))
+    _, aux = Objective(graphdef, cfg).loss(params, batch, jax.random.key(1))
+    assert "loss_image_tokens" not in aux
+    np.testing.assert_allclose(float(aux["loss_text"]), float(aux["loss_lm"]), rtol=1e-6)

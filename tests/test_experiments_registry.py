@@ -48,12 +48,36 @@ def test_sweeps_expand_to_registered_experiments():
 
 
 def test_cpu_micro_is_four_sizes_times_two_families():
-    runs = sweeps.expand("cpu_micro")
+    runs = [r for r in sweeps.expand("cpu_micro") if r.program == "train"]
     assert len(runs) == 8 and {r.family for r in runs} == {"transfusion", "chameleon"}
     for family in ("transfusion", "chameleon"):
         counts = {trained_params(registry.get_config(r.experiment).model)
                   for r in runs if r.family == family}
         assert len(counts) == 4, family
+
+
+def test_cpu_micro_trains_its_vq_tokenizer_first_and_points_chameleon_at_it():
+    runs = sweeps.expand("cpu_micro")
+    tokenizer = runs[0]
+    assert tokenizer.program == "train_autoencoder"
+    cmd = sweep_launcher.train_command(tokenizer, "/sweep")
+    assert cmd[:3] == ["python", "-m", "launch.train_autoencoder"]
+    weights = f"/sweep/{tokenizer.name}/autoencoder"
+    for run in runs[1:]:
+        config = sweep_launcher.run_config(run, "/sweep")
+        if run.family == "chameleon":
+            assert f"--config.data.encoder_path={weights}" in sweep_launcher.train_command(
+                run, "/sweep")
+            assert config.data.encoder_path == weights and config.data.encoder == "vq"
+        else:
+            assert config.data.encoder == "identity"
+    vq = registry.get_config(tokenizer.experiment)
+    # The tokenizer's codes are what the micro Chameleon models expect: f4 at their px.
+    ch = registry.get_config("micro_chameleon_w64")
+    assert vq.data.image_size == ch.data.image_size
+    assert vq.autoencoder.num_vq_embeddings == ch.model.codebook_size
+    factor = 2 ** (len(vq.autoencoder.block_out_channels) - 1)
+    assert (vq.data.image_size // factor) ** 2 == ch.model.image_tokens
 
 
 def test_token_budget_sweep_sets_steps():
@@ -69,7 +93,7 @@ def test_train_command_and_overrides():
     assert cmd[:3] == ["python", "-m", "launch.train"]
     assert "--config=experiments/registry.py:micro_transfusion_w64" in cmd
     assert "--workdir=/sweep/transfusion_w64" in cmd and "--config.train.steps=6" in cmd
-    assert sweep_launcher.run_config(run).train.steps == 6
+    assert sweep_launcher.run_config(run, "/sweep").train.steps == 6
 
 
 def test_list_experiments_json_keys():

@@ -92,6 +92,14 @@ def loss_config() -> ml_collections.ConfigDict:
     return c
 
 
+def image_token_offset(model_cfg):
+    """Id of VQ code 0 for the discrete (Chameleon) baseline, whose codes follow the
+    text vocabulary (BOI/EOI included); None for Transfusion's continuous images."""
+    if model_cfg.get("image_representation", "continuous") != "discrete":
+        return None
+    return int(model_cfg.vocab_size - model_cfg.codebook_size)
+
+
 def validate_model_config(c: ml_collections.ConfigDict, prefix: str = "model") -> None:
     """Raises ConfigError naming the first bad field."""
 

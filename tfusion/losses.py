@@ -26,13 +26,30 @@ def lm_target_weights(segment_ids: jax.Array, image_index: jax.Array) -> jax.Arr
 def lm_loss_sums(logits: jax.Array, tokens: jax.Array, weights: jax.Array,
                  z_loss_weight: float = 0.0):
     """Sum of next-token cross-entropy (+ z-loss) over weighted positions, and the count."""
+    nll, log_z = next_token_nll(logits, tokens)
+    return jnp.sum(with_z_loss(nll, log_z, z_loss_weight) * weights), jnp.sum(weights)
+
+
+def next_token_nll(logits: jax.Array, tokens: jax.Array):
+    """(cross-entropy of token i+1 at every position i, log partition function)."""
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
-    if z_loss_weight:
-        nll = nll + z_loss_weight * jnp.square(log_z)
-    return jnp.sum(nll * weights), jnp.sum(weights)
+    return log_z - target_logit, log_z
+
+
+def with_z_loss(nll: jax.Array, log_z: jax.Array, z_loss_weight: float) -> jax.Array:
+    """Per-position training NLL: z-loss keeps log Z near 0 (Chameleon's stabiliser)."""
+    return nll + z_loss_weight * jnp.square(log_z) if z_loss_weight else nll
+
+
+def text_only_weights(weights: jax.Array, tokens: jax.Array, image_token_offset: int):
+    """The LM targets of the discrete baseline that Transfusion also has: input and
+    target both text (ids below the first VQ code). Drops image codes as targets and
+    the EOI predicted from the last code, exactly the pairs Transfusion never trains."""
+    is_text = tokens < image_token_offset
+    nxt_text = jnp.pad(is_text[:, 1:], ((0, 0), (0, 1)))
+    return weights * (is_text & nxt_text).astype(weights.dtype)
 
 
 def diffusion_loss_sums(eps_pred: jax.Array, noise: jax.Array, image_mask: jax.Array):
@@ -46,14 +63,34 @@ def combine(sums: dict, diffusion_weight: float) -> dict:
     """Sums and counts -> the losses; empty terms (no targets / no images) are 0."""
     lm = sums["lm_sum"] / jnp.maximum(sums["lm_count"], 1.0)
     ddpm = sums["ddpm_sum"] / jnp.maximum(sums["ddpm_count"], 1.0)
-    return dict(loss=lm + diffusion_weight * ddpm, loss_lm=lm, loss_diffusion=ddpm)
+    out = dict(loss=lm + diffusion_weight * ddpm, loss_lm=lm, loss_diffusion=ddpm)
+    if "text_nll_sum" in sums:  # plain NLL over text pairs: comparable across families
+        out["loss_text"] = sums["text_nll_sum"] / jnp.maximum(sums["text_count"], 1.0)
+    if "image_token_nll_sum" in sums:  # discrete baseline: NLL of the image codes
+        out["loss_image_tokens"] = (sums["image_token_nll_sum"]
+                                    / jnp.maximum(sums["image_token_count"], 1.0))
+    return out
 
 
-def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0) -> dict:
+def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0,
+                     image_token_offset: int | None = None) -> dict:
+    """Loss sums and counts. Besides the training sums, plain-NLL sums over text-only
+    pairs (both families: combine's loss_text compares them) and, with
+    `image_token_offset` (the id of VQ code 0, discrete baseline), over image codes."""
+    tokens = batch["tokens"]
     weights = lm_target_weights(batch["segment_ids"], batch["image_index"])
-    lm_sum, lm_count = lm_loss_sums(logits, batch["tokens"], weights, z_loss_weight)
+    nll, log_z = next_token_nll(logits, tokens)
+    lm_sum, lm_count = jnp.sum(with_z_loss(nll, log_z, z_loss_weight) * weights), jnp.sum(weights)
     ddpm_sum, ddpm_count = diffusion_loss_sums(eps_pred, noise, batch["image_mask"])
+    text = weights
+    split = {}
+    if image_token_offset is not None:
+        text = text_only_weights(weights, tokens, image_token_offset)
+        split = dict(image_token_nll_sum=jnp.sum(nll * (weights - text)),
+                     image_token_count=jnp.sum(weights - text))
+    split.update(text_nll_sum=jnp.sum(nll * text), text_count=jnp.sum(text))
     return dict(lm_sum=lm_sum, lm_count=lm_count, ddpm_sum=ddpm_sum, ddpm_count=ddpm_count,
+                **split,
                 patch_tokens=jnp.sum(batch["image_index"] >= 0).astype(jnp.float32),
                 text_tokens=jnp.sum((batch["segment_ids"] > 0)
                                     & (batch["image_index"] < 0)).astype(jnp.float32))

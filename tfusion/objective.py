@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfusion import diffusion, losses
+from tfusion.config import image_token_offset
 
 
 class Objective:
@@ -17,6 +18,7 @@ class Objective:
             diffusion.alphas_cumprod(diffusion.make_betas(config.diffusion)), jnp.float32)
         self.diffusion_weight = float(config.diffusion.loss_weight)
         self.z_loss_weight = float(config.get("loss", {}).get("z_loss_weight", 0.0))
+        self.image_token_offset = image_token_offset(config.model)
 
     def draw_noise(self, batch: dict, rng: jax.Array):
         """(noisy images, t, noise) for every image slot of the batch."""
@@ -27,7 +29,8 @@ class Objective:
         once for the global batch, then cuts microbatches)."""
         model = nnx.merge(self.graphdef, params)
         logits, eps = model(batch, noisy, t)
-        return losses.transfusion_sums(logits, eps, noise, batch, self.z_loss_weight)
+        return losses.transfusion_sums(logits, eps, noise, batch, self.z_loss_weight,
+                                       self.image_token_offset)
 
     def sums(self, params, batch: dict, rng: jax.Array) -> dict:
         """Loss sums and counts of one batch; t and noise are drawn here."""

@@ -13,6 +13,9 @@ from tfusion.autoencoders.training import LossConfig
 from tfusion.config import ConfigError
 
 KINDS = ("vae", "vq")
+# launch/train_autoencoder.py saves the trained weights (diffusers format) in
+# <workdir>/WEIGHTS_DIR: the directory data.encoder_path names.
+WEIGHTS_DIR = "autoencoder"
 RECONSTRUCTION_LOSSES = ("l1", "l2")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from tfusion import diffusion, losses
+from tfusion.config import image_token_offset
 
 # Fractions of T; 0.1 T .. 0.9 T covers detail (low t) to layout (high t).
 DEFAULT_T_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -40,6 +41,7 @@ class HeldoutEvaluator:
             diffusion.alphas_cumprod(diffusion.make_betas(config.diffusion)), jnp.float32)
         self.timesteps = tuple(timesteps if timesteps is not None
                                else default_timesteps(config.diffusion.num_train_steps))
+        self.image_token_offset = image_token_offset(config.model)
         self._sums = jax.jit(self._batch_sums)
 
     def _batch_sums(self, params, batch, t_value, noise):
@@ -50,7 +52,8 @@ class HeldoutEvaluator:
                           diffusion.q_sample(batch["images"], jnp.maximum(t, 0), noise,
                                              self.alpha_bar))
         logits, eps = model(batch, noisy, jnp.maximum(t, 0))
-        return losses.transfusion_sums(logits, eps, noise, batch)
+        return losses.transfusion_sums(logits, eps, noise, batch,
+                                       image_token_offset=self.image_token_offset)
 
     def batch_sums(self, batch: dict, rng: jax.Array) -> dict:
         """{"text": sums with clean images, "t<t>": sums at t for each fixed t}."""
@@ -75,8 +78,9 @@ class HeldoutEvaluator:
 
     def finish(self, total: dict) -> dict:
         text = total["text"]
-        count = float(text["lm_count"])
-        nll = float(text["lm_sum"]) / count if count else float("nan")
+        # Text pairs only (for the discrete baseline: image codes excluded), no z-loss.
+        count = float(text["text_count"])
+        nll = float(text["text_nll_sum"]) / count if count else float("nan")
         out = {"text_nll": nll, "perplexity": math.exp(nll) if count else float("nan"),
                "text_targets": int(count), "images": int(text["ddpm_count"])}
         per_t = []

@@ -85,6 +85,9 @@ def collect_run(workdir: str, step_batches: Optional[Callable] = None) -> Option
     rows = read_rows(workdir)
     if not rows or not os.path.exists(os.path.join(workdir, "config.json")):
         return None
+    sweep = read_sweep_run(workdir)
+    if sweep.get("program", "train") != "train":  # e.g. the sweep's image tokenizer
+        return None
     config = load_config(workdir)
     steps = last_step(rows)
     n = compute.trained_params(config.model)
@@ -95,7 +98,6 @@ def collect_run(workdir: str, step_batches: Optional[Callable] = None) -> Option
     exact = None
     if step_batches is not None:
         exact = steps * compute.measured_step_flops(config.model, step_batches(config))
-    sweep = read_sweep_run(workdir)
     return dict(run=os.path.basename(os.path.normpath(workdir)),
                 experiment=sweep.get("experiment", config.get("name", "")),
                 family=sweep.get("family") or default_family(config),

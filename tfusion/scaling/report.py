@@ -13,8 +13,10 @@ from tfusion.scaling import fit as fit_lib, parity, plots
 
 # Metrics fitted when present: final train losses and held-out ones. Evaluation
 # files add their own (eval_<name>/<metric>), picked up by the "eval" prefix.
+# eval/loss_text (plain NLL of text pairs) is the one both families share; the image
+# terms differ by family (diffusion MSE vs NLL of VQ codes).
 DEFAULT_METRICS = ("train/loss_lm", "train/loss_diffusion", "eval/loss_lm",
-                   "eval/loss_diffusion")
+                   "eval/loss_diffusion", "eval/loss_text", "eval/loss_image_tokens")
 
 
 def metrics_of(points: list[dict]) -> list[str]:

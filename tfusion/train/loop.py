@@ -175,7 +175,8 @@ class Trainer:
     def _log_metrics(self, step: int, interval: list, seconds: float, flops: float) -> dict:
         fetched = jax.device_get(interval)
         last = fetched[-1]
-        out = {k: float(last[k]) for k in ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr")}
+        out = {k: float(last[k]) for k in ("loss", "loss_lm", "loss_diffusion", "loss_text",
+                                           "loss_image_tokens", "grad_norm", "lr") if k in last}
         tokens = sum(float(m["text_tokens"]) + float(m["patch_tokens"]) for m in fetched)
         out.update(text_tokens=int(last["text_tokens"]), patch_tokens=int(last["patch_tokens"]),
                    tokens_per_s=tokens / max(seconds, 1e-9),
