@@ -14,7 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset XLA_FLAGS
 
 failed=()
-for name in data_pipeline inference block_sparsity autoencoders train_throughput; do
+for name in data_pipeline inference block_sparsity autoencoders train_throughput step_breakdown; do
     script="benchmarks/$name.py"
     [ -f "$script" ] || { echo "== $name: not present, skipped"; continue; }
     echo "== $name  (load average: $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -11,7 +11,7 @@ Times, in one process at one batch shape (median of blocked steps, after a warm-
 The differences attribute time: optimizer and guard = trainer_step - loss_and_grads;
 model overhead over plain JAX = loss_and_grads - bare_loss_and_grads (images,
 packed-document masks, modality layers, ...). Writes
-benchmarks/results/step_breakdown.json.
+benchmarks/results/step_breakdown_<scenario>.json.
 """
 from __future__ import annotations
 
@@ -112,9 +112,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(_HERE, "results", "step_breakdown.json"))
+    parser.add_argument("--out", default=None,
+                        help="default benchmarks/results/step_breakdown_<scenario>.json")
     args = parser.parse_args()
     reexec_with_benchmark_env()
+    out = args.out or os.path.join(_HERE, "results", f"step_breakdown_{args.scenario}.json")
 
     shape = workloads.SHAPES[args.shape]
     spec = scenario_spec(args.scenario, shape)
@@ -129,8 +131,8 @@ def main():
                   seconds_median=seconds, ratio=ratio,
                   optimizer_and_guard_share=1 - seconds["loss_and_grads"] / seconds["trainer_step"],
                   load_average=load, time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(dict(seconds=seconds, ratio=ratio), indent=1))
 

@@ -23,7 +23,8 @@ def write_run(root, name, experiment, steps):
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({"step": steps // 2, "split": "train", "loss_lm": 99.0}) + "\n")
         f.write(json.dumps({"step": steps, "split": "train", "loss_lm": 2 * loss}) + "\n")
-        f.write(json.dumps({"step": steps, "split": "eval", "loss_lm": loss}) + "\n")
+        f.write(json.dumps({"step": steps, "split": "eval", "loss_lm": loss,
+                            "loss_text": loss}) + "\n")
     return workdir
 
 
@@ -41,10 +42,21 @@ def test_collect_fit_report(tmp_path):
     fit = result["fits"][("transfusion", "eval/loss_lm")]
     assert fit["law"].b == pytest.approx(0.12, rel=1e-6)
     # Same exponent: Transfusion needs (40/60)^(1/0.12) of Chameleon's compute.
-    row = next(r for r in result["parity"] if r["metric"] == "eval/loss_lm")
+    row = next(r for r in result["parity"] if r["metric"] == "eval/loss_text")
     assert row["ratio"] == pytest.approx((40 / 60) ** (1 / 0.12), rel=1e-6)
+    # loss_lm covers image codes in the baseline: fitted per family, never compared.
+    assert ("chameleon", "eval/loss_lm") in result["fits"]
+    assert {r["metric"] for r in result["parity"]} == {"eval/loss_text"}
     for name in ("points.json", "fits.json", "table.md", "eval_loss_lm.png"):
         assert os.path.exists(os.path.join(out, name)), name
+
+
+def test_sweep_runs_of_other_programs_are_not_points(tmp_path):
+    write_run(str(tmp_path), "transfusion_w64", "micro_transfusion_w64", 100)
+    tokenizer = write_run(str(tmp_path), "vq_tokenizer", "micro_transfusion_w64", 100)
+    with open(os.path.join(tokenizer, "sweep_run.json"), "w") as f:
+        json.dump({"program": "train_autoencoder", "family": "tokenizer"}, f)
+    assert [p["run"] for p in collect.collect_sweep(str(tmp_path))] == ["transfusion_w64"]
 
 
 def test_is_finished(tmp_path):
@@ -65,3 +77,19 @@ def test_discrete_params_exclude_unused_image_layers():
     assert (compute.trained_params(ch) - compute.trained_params(tf)
             == 2 * extra_vocab * tf.width + 2 * (tf.width // tf.num_heads) * tf.depth
             - image_layers)
+
+
+def test_committed_cpu_micro_report_fits_both_families():
+    """docs/scaling/cpu_micro is the cpu_micro sweep's report (docs/experiments.md)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.join(root, "docs", "scaling", "cpu_micro")
+    with open(os.path.join(out, "fits.json")) as f:
+        fits = json.load(f)
+    text = {f["family"]: f for f in fits["fits"] if f["metric"] == "eval/loss_text"}
+    assert set(text) == {"transfusion", "chameleon"}
+    assert all(f["points"] >= 4 for f in text.values())
+    with open(os.path.join(out, "points.json")) as f:
+        points = json.load(f)
+    for family in ("transfusion", "chameleon"):
+        assert len({p["params"] for p in points if p["family"] == family}) >= 4
+    assert os.path.exists(os.path.join(out, "eval_loss_text.png"))

@@ -11,10 +11,12 @@ import numpy as np  # noqa: E402
 def plot_metric(points: list[dict], fits: dict, metric: str, compute_key: str, path: str) -> None:
     """`fits`: {(family, metric): {"law": PowerLaw, ...}}; writes one PNG."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    families = sorted({p["family"] for p in points if metric in p["metrics"]})
+    # Log axes: a 0 (an empty term, e.g. the discrete baseline's diffusion loss) is no point.
+    plotted = [p for p in points if p["metrics"].get(metric, 0) > 0]
+    families = sorted({p["family"] for p in plotted})
     for i, family in enumerate(families):
         color = f"C{i}"
-        mine = [p for p in points if p["family"] == family and metric in p["metrics"]]
+        mine = [p for p in plotted if p["family"] == family]
         xs = np.array([p[compute_key] for p in mine], np.float64)
         ys = np.array([p["metrics"][metric] for p in mine], np.float64)
         ax.scatter(xs, ys, color=color, label=family, zorder=3)

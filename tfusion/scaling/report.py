@@ -17,6 +17,14 @@ from tfusion.scaling import fit as fit_lib, parity, plots
 # terms differ by family (diffusion MSE vs NLL of VQ codes).
 DEFAULT_METRICS = ("train/loss_lm", "train/loss_diffusion", "eval/loss_lm",
                    "eval/loss_diffusion", "eval/loss_text", "eval/loss_image_tokens")
+# Metrics that measure the same thing in both families, so a parity ratio means
+# something: loss_lm does not (the discrete baseline's covers image codes too).
+CROSS_FAMILY_METRICS = ("eval/loss_text",)
+
+
+def comparable_across_families(metric: str) -> bool:
+    """eval/loss_text, and evaluation files (eval_<name>/...: perplexity, FID, CIDEr)."""
+    return metric in CROSS_FAMILY_METRICS or metric.startswith("eval_")
 
 
 def metrics_of(points: list[dict]) -> list[str]:
@@ -77,7 +85,8 @@ def write_report(points: list[dict], out_dir: str, compute_key: str = "flops_6nd
     os.makedirs(out_dir, exist_ok=True)
     metrics = metrics_of(points)
     fits = fit_all(points, metrics, compute_key, irreducible)
-    parity_rows = parity.parity_table(fits, *families) if len(families) == 2 else []
+    comparable = {k: v for k, v in fits.items() if comparable_across_families(k[1])}
+    parity_rows = parity.parity_table(comparable, *families) if len(families) == 2 else []
     # inf: A never reaches B's value (B is below A's irreducible term); JSON has no inf.
     parity_rows = [dict(r, ratio=r["ratio"] if math.isfinite(r["ratio"]) else None)
                    for r in parity_rows]
