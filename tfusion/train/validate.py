@@ -4,7 +4,8 @@ from __future__ import annotations
 import jax
 
 from tfusion import sharding
-from tfusion.config import ConfigError, validate_diffusion_config, validate_model_config
+from tfusion.config import (ConfigError, image_token_offset, validate_diffusion_config,
+                            validate_model_config)
 
 
 def validate_train_config(config) -> None:
@@ -19,6 +20,9 @@ def validate_train_config(config) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
                                                     f"batch_size={t.batch_size}")
+    if t.sample_every and image_token_offset(config.model) is not None:
+        raise ConfigError("train.sample_every", "sample grids need image generation, which the "
+                                                "discrete (Chameleon) baseline lacks: set 0")
     if t.peak_flops_per_device < 0:
         raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
 
