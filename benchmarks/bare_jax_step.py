@@ -103,12 +103,12 @@ def run(shape: workloads.Shape, rows: int, seq_len: int, warmup: int, steps: int
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     executed = float(cost["flops"])
     for _ in range(warmup):
-        state, loss = step(state, tokens)
+        state, loss = compiled(state, tokens)
     jax.block_until_ready(loss)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, loss = step(state, tokens)
+        state, loss = compiled(state, tokens)
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
