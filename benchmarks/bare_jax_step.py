@@ -16,12 +16,12 @@ import json
 import os
 import statistics
 import sys
-import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import workloads  # noqa: E402
+from timing import timed_calls  # noqa: E402
 
 
 def init_params(key, shape: workloads.Shape):
@@ -102,15 +102,13 @@ def run(shape: workloads.Shape, rows: int, seq_len: int, warmup: int, steps: int
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     executed = float(cost["flops"])
-    for _ in range(warmup):
-        state, loss = compiled(state, tokens)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, loss = compiled(state, tokens)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
+    holder = {"state": state}
+
+    def call(_):
+        holder["state"], loss = compiled(holder["state"], tokens)
+        return loss
+
+    times, _, loss = timed_calls(call, warmup, steps)
     median = statistics.median(times)
     return dict(rows=rows, seq_len=seq_len, step_s_median=median, step_s=times,
                 tokens_per_s=rows * seq_len / median, executed_flops_per_step=executed,

@@ -28,6 +28,9 @@ from tfusion.inference.options import GenerationOptions, SpecialTokens
 from tfusion.inference.steps import Block
 from tfusion.model.transfusion import Transfusion
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import timed_calls  # noqa: E402  (benchmarks/timing.py, run as script or -m)
+
 PREFIX_LENGTHS = (0, 256, 1024)
 SPECIAL = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
 
@@ -42,13 +45,7 @@ def cpu_s_config():
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of fn() after one warm-up (compile) call."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(timed_calls(lambda _: fn(), 1, repeats)[0]))
 
 
 def cached_step_seconds(engine, prefix: int, repeats: int) -> float:

@@ -28,22 +28,13 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
 import workloads  # noqa: E402
+from timing import timed_calls  # noqa: E402
 from train_throughput import (experiment_config, fixed_batches, machine_info,  # noqa: E402
                               mix_batches, reexec_with_benchmark_env, scenario_spec)
 
 
-def median_time(fn, args_fn, warmup: int, steps: int) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args_fn()))
-    times = []
-    for _ in range(steps):
-        args = args_fn()
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_time(call, warmup: int, steps: int) -> float:
+    return statistics.median(timed_calls(call, warmup, steps)[0])
 
 
 def tfusion_parts(shape, scenario: str, warmup: int, steps: int, seed: int) -> dict:
@@ -65,16 +56,16 @@ def tfusion_parts(shape, scenario: str, warmup: int, steps: int, seed: int) -> d
         loss_and_grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))
         forward = jax.jit(objective.loss)
         params = state["params"]
-        out = dict(loss_and_grads=median_time(loss_and_grads, lambda: (params, batch, key),
+        out = dict(loss_and_grads=median_time(lambda _: loss_and_grads(params, batch, key),
                                               warmup, steps),
-                   forward=median_time(forward, lambda: (params, batch, key), warmup, steps))
+                   forward=median_time(lambda _: forward(params, batch, key), warmup, steps))
         holder = {"state": state}
 
-        def step(state_, batch_):
-            holder["state"], metrics = trainer.step_fn(state_, batch_)
+        def step(_):
+            holder["state"], metrics = trainer.step_fn(holder["state"], batch)
             return metrics
 
-        out["trainer_step"] = median_time(step, lambda: (holder["state"], batch), warmup, steps)
+        out["trainer_step"] = median_time(step, warmup, steps)
         trainer.checkpointer.close()
     return out
 
@@ -90,18 +81,18 @@ def bare_parts(shape, rows: int, seq_len: int, warmup: int, steps: int, seed: in
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, shape.vocab, (rows, seq_len)),
                          jnp.int32)
     grads = jax.jit(jax.value_and_grad(bare_jax_step.forward_loss), static_argnums=2)
-    out = dict(bare_loss_and_grads=median_time(grads, lambda: (params, tokens, shape),
+    out = dict(bare_loss_and_grads=median_time(lambda _: grads(params, tokens, shape),
                                                warmup, steps))
     zeros = jax.tree.map(jnp.zeros_like, params)
     holder = {"state": (params, zeros, zeros, jnp.zeros((), jnp.float32))}
     step_fn = bare_jax_step.make_step(shape)
 
-    def step(state_, tokens_):
-        holder["state"], loss = step_fn(state_, tokens_)
+    def step(_):
+        holder["state"], loss = step_fn(holder["state"], tokens)
         return loss
 
     holder["state"] = jax.tree.map(jnp.copy, holder["state"])  # donation needs own buffers
-    out["bare_step"] = median_time(step, lambda: (holder["state"], tokens), warmup, steps)
+    out["bare_step"] = median_time(step, warmup, steps)
     return out
 
 

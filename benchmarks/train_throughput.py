@@ -144,29 +144,23 @@ def time_steps(step_fn, state, batches, warmup: int, steps: int):
 
     Returns (state, last metrics, step times, batch index of each timed step, warm-up s).
     """
-    import jax
+    from timing import timed_calls
 
-    start = time.perf_counter()
-    for i in range(warmup):
-        state, metrics = step_fn(state, batches[i % len(batches)])
-        jax.block_until_ready(metrics)
-    warmup_s = time.perf_counter() - start
-    times, picked = [], []
-    for i in range(steps):
-        k = (warmup + i) % len(batches)
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batches[k])
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-        picked.append(k)
-    return state, metrics, times, picked, warmup_s
+    holder = {"state": state}
+
+    def call(i):
+        holder["state"], metrics = step_fn(holder["state"], batches[i % len(batches)])
+        return metrics
+
+    times, warmup_s, metrics = timed_calls(call, warmup, steps)
+    picked = [(warmup + i) % len(batches) for i in range(steps)]
+    return holder["state"], metrics, times, picked, warmup_s
 
 
 def run_scenario(name: str, shape: workloads.Shape, warmup: int, steps: int, seed: int,
                  peak: float, profile_dir: str | None = None) -> dict:
     """Builds the trainer's step for this scenario's batch shape and times it."""
     import jax
-    import numpy as np
 
     from tfusion import flops
     from tfusion.train import state as state_lib

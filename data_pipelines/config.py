@@ -140,6 +140,7 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
     from data_pipelines import encoders, tokenizer
 
     d, model = config.data, config.model
+    code_offset = image_token_offset(model)  # None unless images are VQ code tokens
     if d.source != "none":
         if d.encoder not in encoders.names():
             _fail("encoder", f"unknown {d.encoder!r}; choose from {encoders.names()}")
@@ -153,14 +154,14 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
             latent = encoders.resolve(d.encoder, d.encoder_path).latent_shape(d.image_size)
         except ValueError as e:  # image size not divisible / not the encoded size
             _fail("image_size", str(e))
-        if image_token_offset(model) is not None:
+        if code_offset is not None:
             _validate_discrete_images(d, model, latent)
         else:
             _validate_continuous_images(d, model, latent)
     tok = tokenizer.build_tokenizer(config)
-    if image_token_offset(model) is not None and tok.vocab_size > image_token_offset(model):
+    if code_offset is not None and tok.vocab_size > code_offset:
         _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but VQ "
-                           f"codes start at id {image_token_offset(model)} (model.vocab_size "
+                           f"codes start at id {code_offset} (model.vocab_size "
                            f"- model.codebook_size)")
     if tok.vocab_size > model.vocab_size:
         _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but "

@@ -28,7 +28,7 @@ from data_pipelines.packing import STATS_KEY, PackingIterDataset
 from data_pipelines.stats import PipelineStats
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
 from tfusion.batch import BatchSpec
-from tfusion.config import image_token_offset
+from tfusion.config import is_discrete
 
 
 def batch_spec(config, process_count: int = 1) -> BatchSpec:
@@ -39,7 +39,7 @@ def batch_spec(config, process_count: int = 1) -> BatchSpec:
     if config.train.batch_size % process_count:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
                          f"process_count={process_count}")
-    if d.source == "none" or image_token_offset(model) is not None:
+    if d.source == "none" or is_discrete(model):
         # No image slots: text-only training, or images travelling as VQ code tokens.
         latent, slots = (model.latent_height, model.latent_width, model.latent_channels), 0
     else:

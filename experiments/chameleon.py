@@ -10,8 +10,7 @@ changes (paper, Section 4.1 baseline):
 """
 from __future__ import annotations
 
-from tfusion.config import ConfigError, image_token_offset  # noqa: F401  (re-exported)
-from tfusion.scaling.compute import is_discrete  # noqa: F401  (re-exported for experiments)
+from tfusion.config import ConfigError, image_token_offset, is_discrete  # noqa: F401  (re-exported)
 
 CODEBOOK_SIZE = 16_384  # paper / Chameleon's image tokenizer
 IMAGE_TOKENS = 1024  # tokens per 512 px image (32 x 32 codes)

@@ -23,7 +23,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
-
 def pixel_batches(data, split: str, batch_size: int, seed: int, repeat: bool):
     """Batches of float32 [B, px, px, 3] images in [-1, 1] from data.source."""
     import numpy as np

@@ -3,7 +3,6 @@ import pickle
 import subprocess
 import sys
 
-import pytest
 import sentencepiece as spm
 
 from data_pipelines import tokenizer as tk

@@ -11,6 +11,7 @@ from tfusion.model.rope import apply_rope, rope_angles
 from tfusion.model.transfusion import Transfusion
 from tfusion.objective import Objective
 
+from tests.numpy_reference import numpy_text_nll
 from tests.packed_batches import random_batch, tiny_config
 
 BOI, EOI = 512, 513  # builtin tokenizer: 512 pieces, then BOI/EOI
@@ -69,14 +70,14 @@ def test_z_loss_matches_numpy_reference():
     weights = (rng.random((2, 6)) < 0.7).astype(np.float32)
     weights[:, -1] = 0
     w = 1e-2
-    got, count = losses.lm_loss_sums(jnp.asarray(logits), jnp.asarray(tokens),
-                                     jnp.asarray(weights), w)
+    nll, log_z = losses.next_token_nll(jnp.asarray(logits), jnp.asarray(tokens))
+    got, count = losses.lm_loss_sums(nll, log_z, jnp.asarray(weights), w)
     x = logits.astype(np.float64)
     log_z = np.log(np.exp(x).sum(-1))
     targets = np.pad(tokens[:, 1:], ((0, 0), (0, 1)))
     nll = log_z - np.take_along_axis(x, targets[..., None], -1)[..., 0]
     np.testing.assert_allclose(float(got), np.sum((nll + w * log_z ** 2) * weights), rtol=1e-5)
-    base, _ = losses.lm_loss_sums(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(weights))
+    base, _ = losses.lm_loss_sums(nll, log_z, jnp.asarray(weights))
     np.testing.assert_allclose(float(got - base), w * np.sum(log_z ** 2 * weights), rtol=1e-4)
 
 
@@ -136,10 +137,17 @@ def test_text_and_image_code_losses_split_the_lm_loss_by_pair_kind():
     np.testing.assert_allclose(float(aux["loss_image_tokens"]), np.mean(image), rtol=1e-5)
 
 
-def test_transfusion_text_loss_is_its_lm_loss():
+def test_transfusion_text_loss_is_plain_nll_of_text_pairs_without_z_loss():
     cfg = tiny_config()
-    batch, _, _ = random_batch(0, cfg.model, batch_size=2, seq_len=48)
-    graphdef, params = nnx.split(Transfusion(cfg.model, rngs=nnx.Rngs(0)))
-    _, aux = Objective(graphdef, cfg).loss(params, batch, jax.random.key(1))
-    assert "loss_image_tokens" not in aux
-    np.testing.assert_allclose(float(aux["loss_text"]), float(aux["loss_lm"]), rtol=1e-6)
+    batch, _, spec = random_batch(0, cfg.model, batch_size=2, seq_len=48)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(*batch["tokens"].shape, cfg.model.vocab_size)).astype(np.float32) * 2
+    eps = jnp.zeros(batch["images"].shape)
+    z = 1e-2  # loss_lm carries the z-loss, loss_text must not
+    sums = losses.transfusion_sums(jnp.asarray(logits), eps, eps, batch, z_loss_weight=z)
+    values = losses.combine(sums, 1.0)
+    assert "loss_image_tokens" not in values
+    plain, count = numpy_text_nll(logits, batch)
+    with_z, _ = numpy_text_nll(logits, batch, z)
+    np.testing.assert_allclose(float(values["loss_text"]), plain / count, rtol=1e-5)
+    np.testing.assert_allclose(float(values["loss_lm"]), with_z / count, rtol=1e-5)

@@ -2,7 +2,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.packed_batches import random_batch, tiny_config
 from tfusion import flops

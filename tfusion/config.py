@@ -92,10 +92,15 @@ def loss_config() -> ml_collections.ConfigDict:
     return c
 
 
+def is_discrete(model_cfg) -> bool:
+    """The Chameleon-style baseline: images are VQ code tokens, not latents."""
+    return model_cfg.get("image_representation", "continuous") == "discrete"
+
+
 def image_token_offset(model_cfg):
     """Id of VQ code 0 for the discrete (Chameleon) baseline, whose codes follow the
     text vocabulary (BOI/EOI included); None for Transfusion's continuous images."""
-    if model_cfg.get("image_representation", "continuous") != "discrete":
+    if not is_discrete(model_cfg):
         return None
     return int(model_cfg.vocab_size - model_cfg.codebook_size)
 

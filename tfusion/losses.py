@@ -23,13 +23,6 @@ def lm_target_weights(segment_ids: jax.Array, image_index: jax.Array) -> jax.Arr
     return (is_text & nxt_text & same_doc).astype(jnp.float32)
 
 
-def lm_loss_sums(logits: jax.Array, tokens: jax.Array, weights: jax.Array,
-                 z_loss_weight: float = 0.0):
-    """Sum of next-token cross-entropy (+ z-loss) over weighted positions, and the count."""
-    nll, log_z = next_token_nll(logits, tokens)
-    return jnp.sum(with_z_loss(nll, log_z, z_loss_weight) * weights), jnp.sum(weights)
-
-
 def next_token_nll(logits: jax.Array, tokens: jax.Array):
     """(cross-entropy of token i+1 at every position i, log partition function)."""
     targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
@@ -38,9 +31,13 @@ def next_token_nll(logits: jax.Array, tokens: jax.Array):
     return log_z - target_logit, log_z
 
 
-def with_z_loss(nll: jax.Array, log_z: jax.Array, z_loss_weight: float) -> jax.Array:
-    """Per-position training NLL: z-loss keeps log Z near 0 (Chameleon's stabiliser)."""
-    return nll + z_loss_weight * jnp.square(log_z) if z_loss_weight else nll
+def lm_loss_sums(nll: jax.Array, log_z: jax.Array, weights: jax.Array,
+                 z_loss_weight: float = 0.0):
+    """Sum of the training NLL over weighted positions, and the count; z-loss (Chameleon's
+    stabiliser) adds z_loss_weight * log Z^2 per position to keep log Z near 0."""
+    if z_loss_weight:
+        nll = nll + z_loss_weight * jnp.square(log_z)
+    return jnp.sum(nll * weights), jnp.sum(weights)
 
 
 def text_only_weights(weights: jax.Array, tokens: jax.Array, image_token_offset: int):
@@ -80,7 +77,7 @@ def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0,
     tokens = batch["tokens"]
     weights = lm_target_weights(batch["segment_ids"], batch["image_index"])
     nll, log_z = next_token_nll(logits, tokens)
-    lm_sum, lm_count = jnp.sum(with_z_loss(nll, log_z, z_loss_weight) * weights), jnp.sum(weights)
+    lm_sum, lm_count = lm_loss_sums(nll, log_z, weights, z_loss_weight)
     ddpm_sum, ddpm_count = diffusion_loss_sums(eps_pred, noise, batch["image_mask"])
     text = weights
     split = {}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfusion import diffusion
-from tfusion.config import ConfigError, derived, image_token_offset
+from tfusion.config import ConfigError, derived, is_discrete
 from tfusion.inference import cache as cache_lib
 from tfusion.inference import samplers, steps
 from tfusion.sharding import activation_sharding, rule_table, state_shardings
@@ -23,7 +23,7 @@ from tfusion.sharding import activation_sharding, rule_table, state_shardings
 
 class Engine:
     def __init__(self, model, diffusion_cfg, mesh=None, rules=None):
-        if image_token_offset(model.cfg) is not None:
+        if is_discrete(model.cfg):
             raise ConfigError("model.image_representation",
                               "the engine generates Transfusion images by diffusion; sampling "
                               "VQ codes of the discrete (Chameleon) baseline is not built yet "

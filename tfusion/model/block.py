@@ -5,7 +5,6 @@ import dataclasses
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 

@@ -7,13 +7,10 @@ import json
 import ml_collections
 
 from tfusion import flops
+from tfusion.config import is_discrete
 from tfusion.train.params import abstract_model, count_params_by_part
 
 IMAGE_LAYER_PARTS = ("image_encoder", "image_decoder")
-
-
-def is_discrete(model_cfg) -> bool:
-    return model_cfg.get("image_representation", "continuous") == "discrete"
 
 
 @functools.lru_cache(maxsize=256)

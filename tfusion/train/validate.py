@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 
 from tfusion import sharding
-from tfusion.config import (ConfigError, image_token_offset, validate_diffusion_config,
+from tfusion.config import (ConfigError, is_discrete, validate_diffusion_config,
                             validate_model_config)
 
 
@@ -20,7 +20,7 @@ def validate_train_config(config) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
                                                     f"batch_size={t.batch_size}")
-    if t.sample_every and image_token_offset(config.model) is not None:
+    if t.sample_every and is_discrete(config.model):
         raise ConfigError("train.sample_every", "sample grids need image generation, which the "
                                                 "discrete (Chameleon) baseline lacks: set 0")
     if t.peak_flops_per_device < 0:
