@@ -32,11 +32,18 @@ def train_config() -> ml_collections.ConfigDict:
     c.batch_size = 512  # global rows per step (512 x 4096 = 2M tokens, the paper's)
     c.grad_accum_steps = 1  # microbatches per step (batch_size must divide evenly)
     c.seed = 0  # params, data order and diffusion noise all derive from it
+    # EMA of the params (0 = off; the paper is silent). With it, train.sample_every,
+    # launch.generate and launch.evaluate use the EMA (--params=raw for the raw ones).
+    # Warm-up: the decay at step n is min(ema_decay, (1 + n) / (10 + n)).
+    c.ema_decay = 0.0
     c.log_every = 50  # steps between metrics.jsonl / TensorBoard / console lines
     c.checkpoint_every = 1000  # steps between (async) checkpoints
     c.keep_checkpoints = 3  # newest N checkpoints kept
     c.eval_every = 0  # steps between held-out evaluations; 0 = never during training
     c.sample_every = 0  # steps between sample grids in workdir/samples/; 0 = never
+    # Eval suite (tfusion/eval/suites.py: text, shapes, fid, all) run once when training
+    # ends, on the sampling params; its scores are printed and logged. "" = none.
+    c.final_eval_suite = ""
     c.sample_prompts = ("a red circle", "a large blue square at the center",
                         "a small green triangle at the top left and a yellow circle")
     # Non-finite loss/grads: the update is skipped and counted; after this many in a

@@ -84,6 +84,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     **_chameleon_entries(),
     **_ablation_entries(),
     **_micro_entries(),
+    "digits_tiny": Experiment(shapes.digits_tiny,
+                              "tiny Transfusion on the bundled 8x8 handwritten digits (CPU)"),
     "vae_shapes_tiny": Experiment(autoencoders.vae_shapes_tiny,
                                   "f4c4 VAE on 32 px shapes (launch.train_autoencoder)"),
     "vq_shapes_tiny": Experiment(autoencoders.vq_shapes_tiny,

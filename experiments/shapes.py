@@ -1,7 +1,7 @@
 """Tiny experiments on the built-in `shapes` data that run on a laptop CPU."""
 from __future__ import annotations
 
-from data_pipelines.config import shapes_tiny_data
+from data_pipelines.config import data_config, shapes_tiny_data
 from experiments.base import base_config
 
 
@@ -18,4 +18,18 @@ def shapes_tiny():
                    eval_every=300, keep_checkpoints=2)
     c.optimizer.update(learning_rate=2e-3, warmup_steps=100, final_learning_rate=1e-4,
                        weight_decay=0.1)
+    return c
+
+
+def digits_tiny():
+    """The same tiny model on scikit-learn's bundled handwritten digits (8x8 grey, 1797
+    images; captions "a handwritten digit seven"); the digits suite scores it."""
+    c = shapes_tiny()
+    c.name = "digits_tiny"
+    c.data = data_config()
+    c.data.update(source="digits", image_size=8, seq_len=128, max_images_per_row=6,
+                  tokenizer_vocab_size=512, eval_examples=256)
+    c.model.update(latent_height=8, latent_width=8)
+    c.train.update(final_eval_suite="digits", sample_prompts=tuple(
+        f"a handwritten digit {w}" for w in ("zero", "three", "seven", "eight")))
     return c

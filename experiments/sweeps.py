@@ -28,6 +28,9 @@ SWEEP_DIR = "{sweep_dir}"
 class Sweep(NamedTuple):
     build: Callable[[], list]
     description: str
+    # What launch.sweep writes after the runs: "scaling" (fits, parity, plots) or
+    # "diffusion" (the recipe ablation table: tfusion/eval/diffusion_report.py).
+    report: str = "scaling"
 
 
 PAPER_TOKEN_BUDGETS = (50e9, 100e9, 250e9, 500e9)  # 500B = the paper's 250K steps
@@ -97,6 +100,26 @@ def cpu_smoke() -> list[Run]:
             for size in ("w64", "w96")]
 
 
+# The diffusion-recipe ablation on shapes_tiny: each option of the tiny default flipped
+# alone, at the default's steps; two seeds of the default show the run-to-run noise.
+DIFFUSION_ABLATIONS = {
+    "default": ({}, "shapes_tiny as configured"),
+    "default_seed1": ({"train.seed": 1}, "the same, seed 1"),
+    "eps": ({"diffusion.prediction": "eps"}, "epsilon prediction (the paper's)"),
+    "flow": ({"diffusion.process": "flow", "diffusion.prediction": "v",
+              "diffusion.sampler": "euler"}, "rectified flow, velocity, Euler"),
+    "no_ema": ({"train.ema_decay": 0.0}, "raw params, no EMA"),
+    "min_snr": ({"diffusion.loss_weighting": "min_snr"}, "min-SNR-5 weighting"),
+    "logit_normal": ({"diffusion.timestep_sampling": "logit_normal"}, "logit-normal(0, 1) t"),
+    "linear": ({"model.modality_layer": "linear"}, "linear patch layers"),
+}
+
+
+def diffusion_ablation() -> list[Run]:
+    return [Run(name, "shapes_tiny", overrides, name)
+            for name, (overrides, _) in DIFFUSION_ABLATIONS.items()]
+
+
 SWEEPS: dict[str, Sweep] = {
     "paper_scaling": Sweep(paper_scaling, "Transfusion vs Chameleon, 5 sizes, 0.5T tokens each"),
     "paper_token_budgets": Sweep(paper_token_budgets,
@@ -107,6 +130,8 @@ SWEEPS: dict[str, Sweep] = {
     "cpu_micro": Sweep(cpu_micro, "CPU: 4 micro sizes x Transfusion/Chameleon on shapes, "
                                   "< 1 h on 2 idle cores"),
     "cpu_smoke": Sweep(cpu_smoke, "CPU: 2 micro Transfusion runs x 6 steps (pipeline check)"),
+    "diffusion_ablation": Sweep(diffusion_ablation, "CPU: shapes_tiny with each diffusion "
+                                "option flipped (docs/diffusion.md)", report="diffusion"),
 }
 
 

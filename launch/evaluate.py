@@ -16,8 +16,10 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
                                required=True)
-_SUITE = flags.DEFINE_enum("suite", "all", ["text", "shapes", "fid", "all"], "What to evaluate.")
+_SUITE = flags.DEFINE_enum("suite", "all", ["text", "shapes", "fid", "digits", "all"], "What to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
+_PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
+                            "ema: the run's EMA of the parameters (raw where it kept none).")
 _SHAPES_PROMPTS = flags.DEFINE_integer("shapes_prompts", 64, "shapes: held-out prompts/images.")
 _FID_SAMPLES = flags.DEFINE_integer("fid_samples", 256, "fid: images per set.")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", None,
@@ -52,7 +54,8 @@ def main(argv) -> None:
     from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
 
     model, config, step = load_model(_WORKDIR.value, _STEP.value,
-                                     load_config(_WORKDIR.value, _current_defaults()))
+                                     load_config(_WORKDIR.value, _current_defaults()),
+                                     params=_PARAMS.value)
     cfg_scale = -1.0 if _CFG_SCALE.value is None else (_CFG_SCALE.value or None)
     options = EvalOptions(
         shapes_prompts=_SHAPES_PROMPTS.value, fid_samples=_FID_SAMPLES.value,

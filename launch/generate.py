@@ -21,11 +21,15 @@ _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text prompt (caption, or text after --image).")
 _IMAGE = flags.DEFINE_string("image", None, "Image to caption (any PIL-readable file).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
+_PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
+                            "ema: the run's EMA of the parameters (raw where it kept none).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples (seeds seed .. seed+N-1).")
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None,
                                 "CFG scale; default config.diffusion.cfg_scale; 0 = no CFG.")
 _STEPS = flags.DEFINE_integer("steps", None, "Diffusion steps; default config's sample_steps.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim"], "Default: config's sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "euler", "heun"],
+                             "Default: config's sampler (ddpm/ddim for process ddpm, "
+                             "euler/heun for flow).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of sample 0.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Sampled tokens per sample.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Images the model may start itself.")
@@ -91,7 +95,7 @@ def main(argv) -> None:
     from tfusion.inference.options import GenerationOptions, SpecialTokens
     from tfusion.inference.samples import clip_for
 
-    model, config, step = load_model(_WORKDIR.value, _STEP.value)
+    model, config, step = load_model(_WORKDIR.value, _STEP.value, params=_PARAMS.value)
     tokenizer = build_tokenizer(config)
     overrides = dict(max_new_tokens=_MAX_NEW_TOKENS.value, max_images=_MAX_IMAGES.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,

@@ -63,7 +63,11 @@ def run_finished(run, run_dir: str, workdir: str) -> bool:
     if run.program == "train_autoencoder":  # weights are written once, at the end
         from tfusion.autoencoders.train_config import WEIGHTS_DIR
         return os.path.exists(os.path.join(run_dir, WEIGHTS_DIR, "config.json"))
-    return is_finished(run_dir, run_config(run, workdir).train.steps)
+    config = run_config(run, workdir)
+    if config.train.get("final_eval_suite", ""):  # finished = its final evaluation logged
+        from tfusion.scaling.collect import last_values, read_rows
+        return bool(last_values(read_rows(run_dir), "final_eval"))
+    return is_finished(run_dir, config.train.steps)
 
 
 def run_all(runs, workdir: str) -> None:
@@ -90,6 +94,18 @@ def data_batches(num: int):
         getattr(it, "close", lambda: None)()
         return out
     return batches
+
+
+def diffusion_report(workdir: str) -> None:
+    from experiments.sweeps import DIFFUSION_ABLATIONS
+    from tfusion.eval.diffusion_report import write_report
+
+    out = os.path.join(workdir, "report")
+    write_report([(name, os.path.join(workdir, name), what)
+                  for name, (_, what) in DIFFUSION_ABLATIONS.items()], out)
+    with open(os.path.join(out, "table.md")) as f:
+        print(f.read())
+    _log.info("report in %s", out)
 
 
 def report(workdir: str) -> None:
@@ -120,7 +136,10 @@ def main(argv) -> None:
         return
     if not _REPORT_ONLY.value:
         run_all(runs, _WORKDIR.value)
-    report(_WORKDIR.value)
+    if sweeps.SWEEPS[_SWEEP.value].report == "diffusion":
+        diffusion_report(_WORKDIR.value)
+    else:
+        report(_WORKDIR.value)
 
 
 if __name__ == "__main__":

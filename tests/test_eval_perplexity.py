@@ -28,7 +28,7 @@ def test_perplexity_is_exp_of_numpy_cross_entropy(tiny):
         logits, _ = model(batch, batch["images"], jnp.zeros(batch["image_mask"].shape, jnp.int32))
         s, c = numpy_text_nll(np.asarray(logits), batch)
         total, count = total + s, count + c
-    out = heldout_metrics(model, batches, config, timesteps=(10, 900))
+    out = heldout_metrics(model, batches, config, fractions=(0.01, 0.9))
     assert out["text_targets"] == count > 0
     assert out["perplexity"] == pytest.approx(np.exp(total / count), rel=1e-5)
     # An untrained model is close to uniform over the vocabulary.
@@ -37,15 +37,18 @@ def test_perplexity_is_exp_of_numpy_cross_entropy(tiny):
 
 def test_diffusion_loss_at_fixed_t_uses_the_given_t_and_noise(tiny):
     config, model, batches = tiny
-    evaluator = HeldoutEvaluator(model, config, timesteps=(700,))
+    evaluator, params = HeldoutEvaluator.for_model(model, config, fractions=(0.7,))
+    t_value = int(evaluator.times[0])
+    assert t_value == round(0.7 * 999)
     batch = batches[0]
     rng = jax.random.key(5)
-    sums = evaluator.batch_sums(batch, rng)
+    sums = evaluator.batch_sums(params, batch, rng)
     noise = jax.random.normal(rng, batch["images"].shape, jnp.float32)
-    t = jnp.full(batch["image_mask"].shape, 700, jnp.int32)
-    noisy = diffusion.q_sample(batch["images"], t, noise, evaluator.alpha_bar)
+    t = jnp.full(batch["image_mask"].shape, t_value, jnp.int32)
+    ab = diffusion.alphas_cumprod(diffusion.cosine_betas(1000))
+    noisy = diffusion.q_sample(batch["images"], t, noise, ab)
     _, eps = model(batch, noisy, t)
     per_image = np.mean((np.asarray(eps) - np.asarray(noise)) ** 2, axis=(2, 3, 4))
     mask = np.asarray(batch["image_mask"])
     assert mask.sum() > 0
-    assert float(sums["t700"]["ddpm_sum"]) == pytest.approx(per_image[mask].sum(), rel=1e-5)
+    assert float(sums["b0"]["ddpm_sum"]) == pytest.approx(per_image[mask].sum(), rel=1e-5)

@@ -65,7 +65,7 @@ def test_diffusion_step_matches_full_forward(modality_layer):
     x_t = jnp.asarray(np.stack([img.latent for img in noisy]))
     # Twice at the same columns: the second call must not see the first one's k/v twice.
     for _ in range(2):
-        eps, cache = engine.predict_eps(cache, x_t, jnp.full((2,), t, jnp.int32), block)
+        eps, cache = engine.predict(cache, x_t, jnp.full((2,), t, jnp.float32), block)
         np.testing.assert_allclose(np.asarray(eps), np.stack(refs), atol=TOL)
         assert int(cache.index) == start
 

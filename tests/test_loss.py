@@ -9,7 +9,6 @@ from tests.numpy_reference import numpy_text_nll
 from tests.packed_batches import random_batch, tiny_config, tiny_model_config
 from tfusion import losses
 from tfusion.batch import BatchSpec, assemble_rows
-from tfusion.diffusion import q_sample
 from tfusion.model.transfusion import Transfusion
 from tfusion.objective import Objective
 
@@ -83,5 +82,4 @@ def objective_sums_with_fixed_noise(objective, params, batch, m):
     noise = jax.random.normal(jax.random.key(7), (shape[0], 2) + shape[2:])
     noise = jnp.concatenate([noise, jnp.zeros((shape[0], m - 2) + shape[2:])], axis=1)
     t = jnp.full(shape[:2], 400, jnp.int32)
-    noisy = q_sample(batch["images"], t, noise, objective.alpha_bar)
-    return objective.sums_given_noise(params, batch, noisy, t, noise)
+    return objective.sums_given_noise(params, batch, objective.process.at(batch["images"], t, noise))

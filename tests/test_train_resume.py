@@ -1,6 +1,6 @@
 """Exact resume through the real CLI and data pipeline: a run killed with SIGKILL, or
 stopped with SIGTERM (preemption), then restarted in the same workdir, produces the
-same per-step losses and the same final parameters as an uninterrupted run."""
+same per-step losses and the same final parameters and EMA as an uninterrupted run."""
 import os
 import signal
 import subprocess
@@ -51,17 +51,19 @@ def _interrupt(workdir, sig, after_steps: int):
 
 
 def _final_params(workdir):
-    """Params of the final checkpoint, restored onto one device of this process."""
+    """Params and their EMA of the final checkpoint, restored onto one device."""
     config = _config()
+    assert state_lib.uses_ema(config)  # the EMA is part of what must resume exactly
     tx = optimizer.make_optimizer(config.optimizer)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    shardings = state_lib.state_shardings(config.model, tx, mesh, sharding.rule_table())
+    shardings = state_lib.state_shardings(config.model, tx, mesh, sharding.rule_table(),
+                                          ema=True)
     target = state_lib.abstract_state(config.model, tx, shardings)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
     assert ckpt.latest_step() == STEPS
     state, _ = ckpt.restore(STEPS, target)
     ckpt.close()
-    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+    return [np.asarray(x) for x in jax.tree.leaves((state["params"], state["ema_params"]))]
 
 
 def _config():

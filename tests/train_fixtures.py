@@ -23,6 +23,7 @@ TINY_CLI_OVERRIDES = (
     "--config.model.patch_size=4", "--config.model.timestep_embed_dim=16",
     "--config.data.seq_len=64", "--config.data.max_images_per_row=2",
     "--config.train.batch_size=4", "--config.optimizer.warmup_steps=5",
+    "--config.train.final_eval_suite=",
 )
 
 

@@ -71,17 +71,40 @@ def model_config() -> ml_collections.ConfigDict:
 
 def diffusion_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.num_train_steps = 1000  # T
-    c.schedule = "cosine"  # Nichol & Dhariwal cosine schedule (paper)
+    # Noising process (tfusion/diffusion.py). Paper: "ddpm". "flow" = rectified flow
+    # (x_t = (1 - t) x0 + t eps, t in [0, 1]; SD3, the PyTorch peer).
+    c.process = "ddpm"
+    # What the model's image output means: "eps" (paper), "v" (ddpm: a eps - s x0,
+    # Salimans & Ho; flow: the velocity eps - x0) or "x0". Loss, samplers, CFG and the
+    # x0 clip convert exactly. At 3M parameters "eps" loses the high-noise steps that
+    # lay out an image (docs/diffusion.md); the tiny experiments choose by measurement.
+    c.prediction = "eps"
+    # Per-image loss weighting: "none" (paper: plain MSE) or "min_snr" (Hang et al.
+    # 2023: the x0-space loss weighted by min(SNR, gamma), written in the prediction's space).
+    c.loss_weighting = "none"
+    c.min_snr_gamma = 5.0
+    # Training times: "uniform" (paper) or "logit_normal" (SD3: u = sigmoid(mean + std n),
+    # mapped to the time axis exactly like a uniform u).
+    c.timestep_sampling = "uniform"
+    c.logit_normal_mean = 0.0
+    c.logit_normal_std = 1.0
+    # Log-SNR shift of the schedule (Hoogeboom et al. 2023): log SNR - 2 log(shift), for
+    # training and sampling alike. 1 = the plain schedule; > 1 more noise (large images),
+    # < 1 less (small images). For flow this is SD3's time shift.
+    c.schedule_shift = 1.0
+    c.num_train_steps = 1000  # T (ddpm steps; flow: the scale of the model's time input)
+    c.schedule = "cosine"  # Nichol & Dhariwal cosine schedule (paper); ddpm only
     c.cosine_s = 0.008  # cosine schedule offset (Nichol & Dhariwal's value)
     c.max_beta = 0.999  # beta clip of the cosine schedule (Nichol & Dhariwal)
     c.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_DDPM (paper: 5)
-    # Image-first caption pairs are noised at t <= this (paper's noise limiting).
+    # Image-first caption pairs are noised at t <= this (paper's noise limiting); flow:
+    # at t <= noise_limit_t / (T - 1) before the shift.
     c.noise_limit_t = 500
     # Paper does not give the CFG caption-dropout rate; 0.1 is the common choice.
     c.cfg_dropout = 0.1
-    c.sample_steps = 250  # respaced DDPM steps at inference (paper: 250)
-    c.sampler = "ddpm"  # "ddpm" (ancestral) or "ddim"
+    c.sample_steps = 250  # sampler steps at inference (paper: 250 respaced DDPM steps)
+    # ddpm process: "ddpm" (ancestral, paper) or "ddim"; flow: "euler" or "heun".
+    c.sampler = "ddpm"
     c.cfg_scale = 3.0  # paper: 3-5
     return c
 
@@ -170,8 +193,24 @@ def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffu
         fail("loss_weight", f"must be >= 0, got {c.loss_weight}")
     if not 0 < c.sample_steps <= c.num_train_steps:
         fail("sample_steps", f"{c.sample_steps} outside (0, {c.num_train_steps}]")
-    if c.sampler not in ("ddpm", "ddim"):
-        fail("sampler", f"unknown {c.sampler!r}; choose from ('ddpm', 'ddim')")
+    from tfusion import diffusion  # late: diffusion is light, but keeps config import-free
+    from tfusion.inference.samplers import SAMPLERS_BY_PROCESS
+    choices = dict(process=diffusion.PROCESSES, prediction=diffusion.PREDICTIONS,
+                   loss_weighting=diffusion.LOSS_WEIGHTINGS,
+                   timestep_sampling=diffusion.TIMESTEP_SAMPLINGS)
+    for field, allowed in choices.items():
+        if c.get(field) not in allowed:
+            fail(field, f"unknown {c.get(field)!r}; choose from {allowed}")
+    samplers = SAMPLERS_BY_PROCESS[c.process]
+    if c.sampler not in samplers:
+        fail("sampler", f"{c.sampler!r} does not sample process={c.process!r}; choose from "
+                        f"{samplers}")
+    if c.min_snr_gamma <= 0:
+        fail("min_snr_gamma", f"must be > 0, got {c.min_snr_gamma}")
+    if c.logit_normal_std <= 0:
+        fail("logit_normal_std", f"must be > 0, got {c.logit_normal_std}")
+    if not c.schedule_shift > 0:
+        fail("schedule_shift", f"must be > 0, got {c.schedule_shift}")
 
 
 def derived(c: ml_collections.ConfigDict) -> dict:

@@ -1,4 +1,5 @@
-"""The Transfusion loss: L = L_LM + lambda * L_DDPM, normalised over the global batch.
+"""The Transfusion loss: L = L_LM + lambda * L_DDPM (the diffusion term in whatever
+the model predicts: tfusion.diffusion), normalised over the global batch.
 
 Both terms are returned as (sum, count) pairs first, so gradient accumulation and
 sharding only add sums and counts, then divide once: the value never depends on
@@ -49,9 +50,13 @@ def text_only_weights(weights: jax.Array, tokens: jax.Array, image_token_offset:
     return weights * (is_text & nxt_text).astype(weights.dtype)
 
 
-def diffusion_loss_sums(eps_pred: jax.Array, noise: jax.Array, image_mask: jax.Array):
-    """Sum over real images of each image's mean squared epsilon error, and the count."""
-    per_image = jnp.mean(jnp.square(eps_pred - noise), axis=(-3, -2, -1))
+def diffusion_loss_sums(pred: jax.Array, target: jax.Array, image_mask: jax.Array,
+                        weight: jax.Array | None = None):
+    """Sum over real images of each image's (weighted) mean squared error of the model's
+    output against its target (epsilon, v or x0: diffusion.target_of), and the count."""
+    per_image = jnp.mean(jnp.square(pred - target), axis=(-3, -2, -1))
+    if weight is not None:  # per-image loss weighting (min-SNR); the count stays unweighted
+        per_image = per_image * weight
     mask = image_mask.astype(jnp.float32)
     return jnp.sum(per_image * mask), jnp.sum(mask)
 
@@ -69,8 +74,8 @@ def combine(sums: dict, diffusion_weight: float) -> dict:
     return out
 
 
-def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0,
-                     image_token_offset: int | None = None) -> dict:
+def transfusion_sums(logits, image_pred, image_target, batch, z_loss_weight: float = 0.0,
+                     image_token_offset: int | None = None, image_weight=None) -> dict:
     """Loss sums and counts. Besides the training sums, plain-NLL sums over text-only
     pairs (both families: combine's loss_text compares them) and, with
     `image_token_offset` (the id of VQ code 0, discrete baseline), over image codes."""
@@ -78,7 +83,8 @@ def transfusion_sums(logits, eps_pred, noise, batch, z_loss_weight: float = 0.0,
     weights = lm_target_weights(batch["segment_ids"], batch["image_index"])
     nll, log_z = next_token_nll(logits, tokens)
     lm_sum, lm_count = lm_loss_sums(nll, log_z, weights, z_loss_weight)
-    ddpm_sum, ddpm_count = diffusion_loss_sums(eps_pred, noise, batch["image_mask"])
+    ddpm_sum, ddpm_count = diffusion_loss_sums(image_pred, image_target, batch["image_mask"],
+                                               image_weight)
     text = weights
     split = {}
     if image_token_offset is not None:

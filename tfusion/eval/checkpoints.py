@@ -6,6 +6,7 @@ so the optimizer state is restored too (abstractly typed, then dropped).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
@@ -44,8 +45,15 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
     return defaults
 
 
-def load_model(workdir: str, step: Optional[int] = None, config=None):
-    """(model, config, step) from the newest (or given) checkpoint of a run."""
+PARAMS = ("ema", "raw")
+
+
+def load_model(workdir: str, step: Optional[int] = None, config=None, params: str = "ema"):
+    """(model, config, step) from the newest (or given) checkpoint of a run.
+
+    params: "ema" (default) = the EMA of the parameters where the run kept one
+    (train.ema_decay > 0; otherwise the raw parameters, with a log line); "raw" = the
+    optimizer's parameters."""
     from tfusion import sharding
     from tfusion.train import optimizer, state as state_lib
     from tfusion.train.checkpoint import Checkpointer
@@ -60,10 +68,17 @@ def load_model(workdir: str, step: Optional[int] = None, config=None):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     table = sharding.rule_table(config.mesh.rule_overrides)
     tx = optimizer.make_optimizer(config.optimizer)
-    target = state_lib.abstract_state(config.model, tx,
-                                      state_lib.state_shardings(config.model, tx, mesh, table))
+    if params not in PARAMS:
+        raise ValueError(f"params: unknown {params!r}; choose from {PARAMS}")
+    ema = state_lib.uses_ema(config)
+    target = state_lib.abstract_state(
+        config.model, tx, state_lib.state_shardings(config.model, tx, mesh, table, ema=ema))
     state, _ = checkpointer.restore(step, target)
     checkpointer.close()
+    key = "ema_params" if params == "ema" and ema else "params"
+    if params == "ema" and not ema:
+        logging.getLogger(__name__).info("the run has no EMA (train.ema_decay = 0): using "
+                                         "the raw parameters")
     graphdef, _ = abstract_model(config.model)
-    model = nnx.merge(graphdef, jax.device_get(state["params"]))
+    model = nnx.merge(graphdef, jax.device_get(state[key]))
     return model, config, int(step)

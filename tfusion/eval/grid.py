@@ -28,9 +28,12 @@ def write_grid(path: str, images: np.ndarray, texts: Sequence[str], columns: int
     draw = ImageDraw.Draw(canvas)
     for i, (image, text) in enumerate(zip(to_uint8(images), texts)):
         x, y = (i % columns) * cell, (i // columns) * height
-        # Nearest-neighbour upscaling shows 16 px images' real pixels (what was scored).
-        tile = Image.fromarray(image).resize((cell - 4, cell - 4), Image.Resampling.NEAREST)
-        canvas.paste(tile, (x + 2, y + 2))
+        # Nearest-neighbour upscaling by a whole factor shows a 16 px image's real pixels
+        # (what was scored), each as an equal square block.
+        scale = max(1, (cell - 4) // max(image.shape[0], image.shape[1]))
+        tile = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).resize(
+            (image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST)
+        canvas.paste(tile, (x + 2 + (cell - 4 - tile.width) // 2, y + 2))
         lines = textwrap.wrap(text, chars_per_line)[:text_lines]
         for j, line in enumerate(lines):
             draw.text((x + 2, y + cell + j * line_height), line, fill=(0, 0, 0), font=font)

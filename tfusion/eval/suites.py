@@ -7,6 +7,8 @@ trainer call.
           truth) and CIDEr; samples grids
   fid     FID of generated vs. held-out real images (shapes feature net by
           default; any feature_fn for other data, e.g. Inception)
+  digits  `digits` only: a classifier trained on the real training digits reads the
+          images generated for "a handwritten digit <d>"; accuracy = read as prompted
   all     every suite that applies to the data
 
 Results go to workdir/eval/<suite>.json (latest) and <suite>.jsonl (history).
@@ -34,7 +36,7 @@ from tfusion.eval.shapes_detector import detect_batch
 from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_image
 
 _log = logging.getLogger(__name__)
-SUITES = ("text", "shapes", "fid")
+SUITES = ("text", "shapes", "fid", "digits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class EvalOptions:
     sampling: SamplingSettings = SamplingSettings()
     fid_features: str = ""  # shapes feature-net file; "" = the cache (trained if missing)
     grid_images: int = 32  # images shown per samples grid
+    digits_per_class: int = 10  # digits: images generated per digit 0..9
     progress: bool = True  # tqdm bars (generation, held-out batches)
 
 
@@ -172,16 +175,65 @@ def fid_suite(ctx: _Context) -> dict:
     }
 
 
+def _digit_classifier(config):
+    """(classifier on 8x8 intensities 0..16, held-out accuracy): an RBF SVM on the real
+    training digits, the split the data pipeline trains on (the first
+    data.eval_examples records are held out)."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    digits = load_digits()
+    n_eval = config.data.eval_examples
+    x, y = digits.images.reshape(len(digits.images), -1), digits.target
+    classifier = SVC(gamma=0.001, C=10.0).fit(x[n_eval:], y[n_eval:])
+    return classifier, float(np.mean(classifier.predict(x[:n_eval]) == y[:n_eval]))
+
+
+def _as_digit_intensities(pixels: np.ndarray) -> np.ndarray:
+    """Generated RGB pixels [N, H, W, 3] in [-1, 1] -> [N, 64] grey intensities 0..16 at
+    8x8 (the sklearn set's resolution; larger images are area-averaged)."""
+    grey = np.mean(np.asarray(pixels, np.float64), axis=-1)
+    n, h, w = grey.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"digits: image size {h}x{w} is not a multiple of 8")
+    grey = grey.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))
+    return ((grey + 1.0) * 8.0).reshape(n, 64)
+
+
+def digits_suite(ctx: _Context) -> dict:
+    from data_pipelines.builtin_text import digit_caption
+
+    if ctx.config.data.source != "digits":
+        raise ValueError(f"the digits suite needs data.source='digits', not "
+                         f"{ctx.config.data.source!r}")
+    classifier, heldout_accuracy = _digit_classifier(ctx.config)
+    wanted = [d for d in range(10) for _ in range(ctx.options.digits_per_class)]
+    prompts = [digit_caption(d) for d in wanted]
+    generated = np.asarray(ctx.sampler.images(prompts), np.float32)
+    read = classifier.predict(_as_digit_intensities(generated))
+    correct = read == np.asarray(wanted)
+    order = np.argsort(np.arange(len(wanted)) % ctx.options.digits_per_class, kind="stable")
+    shown = order[:min(ctx.options.grid_images, len(order))]  # one of each digit first
+    write_grid(ctx.path("digits_generation"), generated[shown],
+               [f"{prompts[i]} (read: {read[i]})" for i in shown], columns=10)
+    return {
+        "accuracy": float(np.mean(correct)),
+        "per_digit": {str(d): float(np.mean(correct[np.asarray(wanted) == d])) for d in range(10)},
+        "classifier_heldout_accuracy": heldout_accuracy,
+        "images": len(wanted),
+    }
+
+
 SUITE_FNS: dict[str, Callable[[_Context], dict]] = {
-    "text": text_suite, "shapes": shapes_suite, "fid": fid_suite}
+    "text": text_suite, "shapes": shapes_suite, "fid": fid_suite, "digits": digits_suite}
 
 
 def suites_for(name: str, config) -> tuple[str, ...]:
     if name == "all":
         applicable = ["text"]
-        if config.data.source == "shapes":
-            applicable.append("shapes")
-        if config.data.source != "none":
+        if config.data.source in ("shapes", "digits"):
+            applicable.append(config.data.source)
+        if config.data.source == "shapes":  # other data: pass a feature_fn, suite "fid"
             applicable.append("fid")
         return tuple(applicable)
     if name not in SUITE_FNS:

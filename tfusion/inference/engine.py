@@ -40,13 +40,13 @@ class Engine:
         if mesh is not None:
             state = jax.device_put(state, state_shardings(state, mesh, self.table))
         self.state = state
-        self.alpha_bar = diffusion.alphas_cumprod(diffusion.make_betas(diffusion_cfg))
+        self.process = diffusion.NoiseProcess(diffusion_cfg)
         self.prefill = self._jit(steps.prefill)
         self.text_step = self._jit(steps.text_step, static=("top_k",))
-        self.diffusion_step = self._jit(steps.diffusion_step,
-                                        static=("sampler", "guided", "clip"))
+        self.diffusion_step = self._jit(
+            steps.diffusion_step, static=("sampler", "guided", "prediction", "process", "clip"))
         self.commit_image = self._jit(steps.commit_image)
-        self.predict_eps = self._jit(steps.predict_eps)
+        self.predict = self._jit(steps.predict)
         self.initial_noise = jax.jit(steps.initial_noise, static_argnums=(2,))
 
     def _jit(self, fn, static=()):
@@ -69,7 +69,13 @@ class Engine:
 
     @functools.lru_cache(maxsize=8)
     def schedule(self, num_steps: int) -> samplers.Schedule:
-        return samplers.respaced_schedule(self.alpha_bar, num_steps)
+        return samplers.schedule_for(self.process, num_steps)
+
+    def check_sampler(self, sampler: str) -> None:
+        allowed = samplers.SAMPLERS_BY_PROCESS[self.process.process]
+        if sampler not in allowed:
+            raise ConfigError("diffusion.sampler", f"{sampler!r} does not sample the "
+                              f"{self.process.process!r} process; choose from {allowed}")
 
     def keys(self, seeds) -> jax.Array:
         """One typed PRNG key per row from integer seeds."""

@@ -2,7 +2,8 @@
 
 Rows move in lockstep over one shared cache index, each in its own state:
   text:  feed the row's last token, sample the next (BOI -> image, EOS -> done);
-  image: denoise P noise patches against the cached prefix for `steps` steps,
+  image: denoise P noise patches against the cached prefix for `steps` steps
+         (any prediction and process: inference/samplers.py),
          write the clean image (t = 0) into the cache, then feed EOI.
 Whenever some row needs an image, all rows pause for one image phase (rows not
 in it write dummy columns), so every jitted call has static shapes.
@@ -82,9 +83,11 @@ class _Rows:
 
 def default_max_len(prompt_len: int, batch: int, options: GenerationOptions, p: int,
                     prompt_images: int) -> int:
-    """Worst case: rows start their images at different times (each its own phase).
-    Rounded up to a multiple of 64 so prompts of similar length share compiled steps."""
-    images = batch * options.max_images + prompt_images
+    """Worst case: rows start their sampled images at different times (each its own
+    phase). Prompts ending in BOI all start theirs in the first phase, which takes
+    one image's columns however many rows are in it. Rounded up to a multiple of 64
+    so prompts of similar length share compiled steps."""
+    images = batch * options.max_images + (1 if prompt_images else 0)
     need = prompt_len + options.max_new_tokens + 2 + images * (p + 4)
     return -(-need // 64) * 64
 
@@ -99,6 +102,7 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
     whatever it is batched with. `progress(num_steps)` may return a tqdm-like bar
     updated once per diffusion step.
     """
+    engine.check_sampler(options.sampler)
     docs = [as_document(p) for p in prompts]
     docs = [d + [np.asarray([special.eoi], np.int32)] if isinstance(d[-1], ImageSegment)
             else d for d in docs]
@@ -228,6 +232,7 @@ class _Loop:
             x, self.cache = e.diffusion_step(
                 self.cache, x, jnp.int32(i), self.keys[:r.b], counters, block, self.schedule,
                 jnp.float32(o.cfg_scale or 1.0), sampler=o.sampler, guided=r.guided,
+                prediction=e.process.prediction, process=e.process.process,
                 clip=o.clip_denoised)
             if bar is not None:
                 bar.update(1)

@@ -15,7 +15,7 @@ class GenerationOptions:
     top_p: float = 1.0  # 1 = off
     cfg_scale: float | None = 3.0  # None: no unconditional stream (pure conditional)
     steps: int = 250  # respaced diffusion steps (of diffusion.num_train_steps)
-    sampler: str = "ddpm"  # "ddpm" (ancestral) or "ddim" (eta = 0)
+    sampler: str = "ddpm"  # ddpm process: "ddpm" (ancestral), "ddim" (eta = 0); flow: "euler", "heun"
     # Clip predicted x0 to [-c, c]; 1.0 suits pixel latents in [-1, 1], None for VAEs.
     clip_denoised: float | None = None
     max_len: int | None = None  # cache length; None = enough for the worst case

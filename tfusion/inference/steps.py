@@ -8,6 +8,7 @@ of L new cache columns written at cache.index for all rows.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +84,9 @@ def image_block(model, cache: KVCache, x_t, t, block: Block):
     return hidden, skips, cache
 
 
-def predict_eps(model, cache: KVCache, x_t, t, block: Block):
-    """Epsilon float32 [R, H, W, C] of the image block (cache columns overwritten)."""
+def predict(model, cache: KVCache, x_t, t, block: Block):
+    """The model's image output float32 [R, H, W, C] (eps, v or x0, as trained) at model
+    times t [R] (cache columns overwritten)."""
     hidden, skips, cache = image_block(model, cache, x_t, t, block)
     return model.decode_images(hidden[:, None], skips, t[:, None])[:, 0], cache
 
@@ -95,24 +97,46 @@ def initial_noise(keys, image_counters, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Block,
-                   schedule: samplers.Schedule, cfg_scale, *, sampler: str, guided: bool,
-                   clip: float | None = None):
-    """Sampling step i: x [B, H, W, C] at t_i -> x at t_{i-1}.
-
-    With `guided`, rows are [conditional B; unconditional B] sharing x, and the
-    guided epsilon drives the step. Returns (x_prev, cache); the cache's image
-    columns hold this step's k/v and are overwritten by the next step.
-    """
+def guided_denoise(model, cache, x, model_time, a, s, block: Block, cfg_scale, *,
+                   guided: bool, prediction: str, process: str, clip):
+    """(x0, eps) of x [B, H, W, C] at one level; with `guided`, rows are [conditional B;
+    unconditional B] sharing x and the guided output is converted."""
     b = x.shape[0]
     rows_x = jnp.concatenate([x, x]) if guided else x
-    t = jnp.full((rows_x.shape[0],), schedule.timesteps[i], jnp.int32)
-    eps, cache = predict_eps(model, cache, rows_x, t, block)
+    t = jnp.full((rows_x.shape[0],), model_time, jnp.float32)
+    pred, cache = predict(model, cache, rows_x, t, block)
     if guided:
-        eps = samplers.guide(eps[:b], eps[b:], cfg_scale)
+        pred = samplers.guide(pred[:b], pred[b:], cfg_scale)
+    return samplers.denoised(pred, x, a, s, prediction, process, clip), cache
+
+
+def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Block,
+                   schedule: samplers.Schedule, cfg_scale, *, sampler: str, guided: bool,
+                   prediction: str = "eps", process: str = "ddpm",
+                   clip: float | None = None):
+    """Sampling step i: x [B, H, W, C] at level i -> x at level i - 1.
+
+    Returns (x_prev, cache); the cache's image columns hold this step's k/v and are
+    overwritten by the next step. Heun calls the model a second time at the Euler
+    point (except on the last step, i = 0, which ends at t = 0).
+    """
+    denoise = functools.partial(guided_denoise, model, block=block, cfg_scale=cfg_scale,
+                                guided=guided, prediction=prediction, process=process,
+                                clip=clip)
+    (x0, eps), cache = denoise(cache, x, schedule.model_time[i], schedule.signal[i],
+                               schedule.noise[i])
     step_keys = row_keys(keys, IMAGE_STREAM, image_counters)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
-    return samplers.sampler_step(sampler, schedule, i, x, eps, noise, clip), cache
+    x_prev = samplers.sampler_step(sampler, schedule, i, x, x0, eps, noise)
+    if sampler != "heun":
+        return x_prev, cache
+
+    def corrected(cache):
+        (x0_e, eps_e), cache = denoise(cache, x_prev, schedule.model_time_prev[i],
+                                       schedule.signal_prev[i], schedule.noise_prev[i])
+        return samplers.heun_correction(x, eps - x0, eps_e - x0_e, schedule, i), cache
+
+    return jax.lax.cond(i > 0, corrected, lambda cache: (x_prev, cache), cache)
 
 
 def commit_image(model, cache: KVCache, x0, block: Block):

@@ -17,9 +17,11 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tfusion import losses, sharding
 from tfusion.batch import BATCH_NDIMS
+from tfusion.eval.heldout import HeldoutEvaluator
 from tfusion.objective import Objective
 from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
@@ -98,15 +100,19 @@ class Trainer:
         t = config.train
         self.tx = optimizer.make_optimizer(config.optimizer)
         self.schedule = optimizer.learning_rate_schedule(config.optimizer, t.steps)
-        self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh, self.table)
+        self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh, self.table,
+                                                  ema=state_lib.uses_ema(config))
         graphdef, _ = abstract_model(config.model)
         self.objective = Objective(graphdef, config)
         train_step = step_lib.make_train_step(self.objective, self.tx, self.schedule,
-                                              t.grad_accum_steps, self.mesh, self.table)
+                                              t.grad_accum_steps, self.mesh, self.table,
+                                              ema_decay=float(t.get("ema_decay", 0.0)))
         self.step_fn = step_lib.jit_train_step(train_step, self.mesh, self.table,
                                                self.state_sh, BATCH_NDIMS)
         self.eval_fn = step_lib.make_eval_step(self.objective, self.mesh, self.table,
                                                self.state_sh["params"], BATCH_NDIMS)
+        self.diagnostics = HeldoutEvaluator(
+            graphdef, config, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.train_iterator_fn = train_iterator_fn or _default_train_iterator
         self.eval_iterator_fn = eval_iterator_fn or _default_eval_iterator
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -141,18 +147,28 @@ class Trainer:
         states = distributed.allgather_json(data_iterator.get_state())
         self.checkpointer.save(step, state, states)
 
-    def evaluate(self, params) -> dict:
+    def evaluate(self, state) -> dict:
+        """Held-out metrics: the training objective with the raw params (comparable to
+        the train loss) and, with the params that sampling uses (the EMA where kept),
+        perplexity, denoising skill by noise level and the cross-modal gaps
+        (tfusion/eval/heldout.py)."""
         it = self._iterator(self.eval_iterator_fn)
         key = jax.random.fold_in(jax.random.key(self.config.train.seed), EVAL_RNG_SALT)
-        total = None
+        sampling_params = state.get("ema_params", state["params"])
+        total = diag = None
         for i, local in enumerate(it):
             batch = distributed.global_batch(local, self.mesh, self.table)
-            sums = self.eval_fn(params, batch, jax.random.fold_in(key, i))
+            rng = jax.random.fold_in(key, i)
+            sums = self.eval_fn(state["params"], batch, rng)
             total = sums if total is None else jax.tree.map(np.add, total, sums)
+            d = self.diagnostics.batch_sums(sampling_params, batch, rng)
+            diag = d if diag is None else jax.tree.map(np.add, diag, d)
         if total is None:
             return {}
         values = losses.combine(jax.device_get(total), self.objective.diffusion_weight)
-        return {k: float(v) for k, v in values.items()}
+        out = {k: float(v) for k, v in values.items()}
+        out.update(self.diagnostics.finish(diag))
+        return out
 
     def write_samples(self, step: int, params) -> None:
         """A grid of images for config.train.sample_prompts in workdir/samples/ (the
@@ -171,6 +187,31 @@ class Trainer:
                           build_tokenizer(self.config), list(self.config.train.sample_prompts),
                           out, seed=self.config.train.seed)
         _log.info("samples written to %s", out)
+
+    def final_evaluation(self, step: int, state) -> dict:
+        """train.final_eval_suite on the sampling params (EMA where kept) at the end of the
+        run: written to workdir/eval/ and metrics.jsonl (split "final_eval"), printed."""
+        from jax.experimental import multihost_utils
+        from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
+
+        params = multihost_utils.process_allgather(state.get("ema_params", state["params"]),
+                                                   tiled=True)
+        if not self.primary:
+            return {}
+        start = time.perf_counter()
+        from tfusion.eval.generation import SamplingSettings
+        # One generate() call per 64 prompts: the diffusion loop's per-step cost is mostly
+        # fixed overhead at tiny sizes, so wide batches finish sooner.
+        options = EvalOptions(progress=False, sampling=SamplingSettings(batch_size=64))
+        results = run_eval_suite(self.config.train.final_eval_suite, params, self.config,
+                                 self.workdir, step, options=options)
+        flat = scalar_metrics(results)
+        flat["seconds"] = time.perf_counter() - start
+        self.writer.write(step, flat, prefix="final_eval")
+        lines = [f"  {k:48s} {v:.4f}" for k, v in sorted(flat.items())]
+        _log.info("final evaluation (%s) at step %d:\n%s", self.config.train.final_eval_suite,
+                  step, "\n".join(lines))
+        return flat
 
     def _log_metrics(self, step: int, interval: list, seconds: float, flops: float) -> dict:
         fetched = jax.device_get(interval)
@@ -226,12 +267,12 @@ class Trainer:
                     last = self._log_metrics(step, interval, now - tick, flops)
                     interval, flops, tick = [], 0.0, now
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    ev = self.evaluate(state["params"])
+                    ev = self.evaluate(state)
                     self.writer.write(step, ev, prefix="eval")
                     if self.primary:
                         _log.info(console_line(step, cfg.steps, ev, prefix="eval"))
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                    self.write_samples(step, state["params"])
+                    self.write_samples(step, state.get("ema_params", state["params"]))
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     # While updates are being skipped, keep the last good checkpoint.
                     self._check_nonfinite(step, metrics)
@@ -239,6 +280,8 @@ class Trainer:
                         self.save(step, state, data_iterator)
             if stopped == "done" and previous is not None:
                 self._check_nonfinite(step, previous)
+        if stopped == "done" and cfg.get("final_eval_suite", ""):
+            last["final_eval"] = self.final_evaluation(step, state)
         self.checkpointer.close()
         self.writer.close()
         close = getattr(data_iterator, "close", None)

@@ -13,7 +13,8 @@ _log = logging.getLogger("tfusion.train")
 
 # Console line: these keys in this order, when present.
 CONSOLE_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_per_s", "mfu",
-                "step_s", "skipped_total")
+                "step_s", "skipped_total", "perplexity", "denoise_skill_mean",
+                "image_caption_gap", "caption_image_gap")
 
 
 def _format(key: str, value) -> str:

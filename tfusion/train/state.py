@@ -3,6 +3,8 @@
   step            int32 []   optimizer steps taken (skipped non-finite steps count too,
                              so step N always consumed data batches 0..N-1)
   params          pure dict of the model's nnx parameters (nnx.merge takes it as is)
+  ema_params      (only with train.ema_decay > 0) the exponential moving average of
+                  params, same tree and shardings; what sampling and evaluation use
   opt_state       optax state; moments sharded exactly like params
   rng             uint32 key data of the run's base key; step keys are
                   fold_in(base, step), so a resumed run draws the same noise
@@ -38,9 +40,14 @@ def step_key(state_rng: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
 
 
+def uses_ema(config) -> bool:
+    return float(config.train.get("ema_decay", 0.0)) > 0.0
+
+
 def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh,
-                    table: Mapping[str, Any]) -> dict:
-    """NamedShardings of the whole state: optimizer moments follow their parameter."""
+                    table: Mapping[str, Any], ema: bool = False) -> dict:
+    """NamedShardings of the whole state: optimizer moments and the EMA follow their
+    parameter."""
     graphdef, abstract = abstract_model(model_cfg)
     param_sh = to_pure(sharding.state_shardings(abstract, mesh, table))
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -48,6 +55,8 @@ def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh,
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
     out = dict(params=param_sh, opt_state=opt_sh, rng=replicated)
+    if ema:
+        out["ema_params"] = param_sh
     out.update({k: replicated for k in SCALAR_KEYS})
     return out
 
@@ -58,18 +67,23 @@ def abstract_state(model_cfg, tx, shardings: dict) -> dict:
     params = to_pure(abstract)
     shapes = dict(params=params, opt_state=jax.eval_shape(tx.init, params),
                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    if "ema_params" in shardings:
+        shapes["ema_params"] = params
     shapes.update({k: jax.ShapeDtypeStruct((), jnp.int32) for k in SCALAR_KEYS})
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
 
 
 def init_state(model_cfg, tx, mesh: Mesh, table, seed: int, shardings: dict):
-    """(graphdef, state) with everything created directly in its sharding."""
+    """(graphdef, state) with everything created directly in its sharding; the state
+    has ema_params when `shardings` does."""
     graphdef, params = init_params(model_cfg, mesh, table, seed)
     params = to_pure(params)
 
     def rest(p):
         out = dict(opt_state=tx.init(p), rng=base_key(seed))
+        if "ema_params" in shardings:  # starts at the initial params (a copy: donation)
+            out["ema_params"] = jax.tree.map(jnp.copy, p)
         out.update({k: jnp.zeros((), jnp.int32) for k in SCALAR_KEYS})
         return out
 

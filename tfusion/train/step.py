@@ -46,7 +46,7 @@ def split_microbatches(tree, num: int, mesh: Mesh | None, table):
 def loss_and_grads(objective: Objective, params, batch: dict, rng, accum: int,
                    mesh: Mesh | None, table):
     """(global sums, grads of the global-batch loss) with `accum` scanned microbatches."""
-    noisy, t, noise = objective.draw_noise(batch, rng)
+    draw = objective.draw_noise(batch, rng)
     counts = global_counts(batch)
 
     def micro_loss(p, micro):
@@ -56,7 +56,7 @@ def loss_and_grads(objective: Objective, params, batch: dict, rng, accum: int,
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     if accum == 1:
-        (_, sums), grads = grad_fn(params, (batch, noisy, t, noise))
+        (_, sums), grads = grad_fn(params, (batch, draw))
         return sums, grads
 
     def body(carry, micro):
@@ -64,7 +64,7 @@ def loss_and_grads(objective: Objective, params, batch: dict, rng, accum: int,
         (_, sums), grads = grad_fn(params, micro)
         return (jax.tree.map(jnp.add, sums_acc, sums), jax.tree.map(jnp.add, grads_acc, grads)), None
 
-    micros = split_microbatches((batch, noisy, t, noise), accum, mesh, table)
+    micros = split_microbatches((batch, draw), accum, mesh, table)
     zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
         lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micros))[0][1]))
     zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -76,12 +76,27 @@ def _select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def ema_decay_at(step, decay: float):
+    """The decay used for the update after `step` optimizer steps: min(decay,
+    (1 + n) / (10 + n)) (the usual warm-up, TF's num_updates rule), so the average
+    forgets the random initialisation within the first hundred steps."""
+    n = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema, params, decay):
+    """ema <- decay ema + (1 - decay) params, leaf by leaf in float32 (sharded like params)."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+
+
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule,
-                    accum: int, mesh: Mesh | None = None, table: Mapping[str, Any] | None = None):
+                    accum: int, mesh: Mesh | None = None, table: Mapping[str, Any] | None = None,
+                    ema_decay: float = 0.0):
     """Pure (state, batch) -> (state, metrics); jit it with `jit_train_step`.
 
-    A non-finite loss or gradient leaves params and optimizer state untouched
-    (the step and the non-finite counters still advance), decided on device.
+    A non-finite loss or gradient leaves params, optimizer state and the EMA
+    untouched (the step and the non-finite counters still advance), decided on device.
+    With ema_decay > 0 the state carries ema_params, updated after every good step.
     """
 
     def train_step(state: dict, batch: dict):
@@ -102,6 +117,9 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, sche
                          opt_state=_select(ok, opt_state, state["opt_state"]),
                          nonfinite_run=run,
                          nonfinite_total=state["nonfinite_total"] + (~ok).astype(jnp.int32))
+        if ema_decay > 0:
+            ema = ema_update(state["ema_params"], params, ema_decay_at(state["step"], ema_decay))
+            new_state["ema_params"] = _select(ok, ema, state["ema_params"])
         metrics = dict(values, grad_norm=grad_norm, lr=lr, text_tokens=sums["text_tokens"],
                        patch_tokens=sums["patch_tokens"], skipped=(~ok).astype(jnp.int32),
                        nonfinite_run=run, nonfinite_total=new_state["nonfinite_total"])

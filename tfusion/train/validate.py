@@ -23,6 +23,15 @@ def validate_train_config(config) -> None:
     if t.sample_every and is_discrete(config.model):
         raise ConfigError("train.sample_every", "sample grids need image generation, which the "
                                                 "discrete (Chameleon) baseline lacks: set 0")
+    suite = t.get("final_eval_suite", "")
+    if suite and suite not in ("text", "shapes", "fid", "digits", "all"):
+        raise ConfigError("train.final_eval_suite", f"unknown {suite!r}; choose from "
+                                                    "('', 'text', 'shapes', 'fid', 'digits', 'all')")
+    if suite in ("shapes", "fid", "digits", "all") and is_discrete(config.model):
+        raise ConfigError("train.final_eval_suite", "image suites need image generation, which "
+                                                    "the discrete baseline lacks: use 'text'")
+    if not 0.0 <= t.get("ema_decay", 0.0) < 1.0:
+        raise ConfigError("train.ema_decay", f"{t.ema_decay} outside [0, 1) (0 = off)")
     if t.peak_flops_per_device < 0:
         raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
 
