@@ -94,3 +94,32 @@ def test_noise_sampler_scores_near_chance(config, tmp_path):
                                sampler=NoiseSampler(),
                                feature_fn=block_colour_features)["fid"]["fid"]
     assert fid_value > 1.0
+
+
+class _DigitSampler:
+    """Returns a real held-out digit of the class each prompt names (`shift` = 0), or of
+    the next class (`shift` = 1): the suite must read 100% vs ~0% as prompted."""
+
+    def __init__(self, shift: int):
+        from sklearn.datasets import load_digits
+        from data_pipelines.builtin_text import digit_caption
+        digits = load_digits()
+        self.by_caption = {}
+        for image, label in zip(digits.images[:256], digits.target[:256]):
+            self.by_caption.setdefault(digit_caption((label - shift) % 10), image)
+
+    def images(self, captions):
+        grey = np.stack([self.by_caption[c] for c in captions]) / 8.0 - 1.0  # 0..16 -> [-1, 1]
+        return np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("shift,expected", [(0, 1.0), (1, 0.0)])
+def test_digits_suite_reads_generated_digits_with_a_real_classifier(tmp_path, shift, expected):
+    from experiments.registry import get_config
+    config = get_config("digits_tiny")
+    config.data.image_size = 8
+    result = run_eval_suite("digits", None, config, str(tmp_path), options=EvalOptions(
+        digits_per_class=2, progress=False), sampler=_DigitSampler(shift))["digits"]
+    assert result["classifier_heldout_accuracy"] > 0.95
+    assert result["accuracy"] == pytest.approx(expected, abs=0.1)
+    assert result["images"] == 20 and len(result["per_digit"]) == 10

@@ -148,6 +148,10 @@ def shapes_suite(ctx: _Context) -> dict:
                                       for s, d in zip(stated, real_found)),
         "shape_ambiguous_fraction": float(np.mean(
             [len(d.shapes) > 1 for found in real_found for d in found])),
+        # The best expected captioning shape accuracy: a pixel-identical pair can only be
+        # guessed (shapes are drawn uniformly), so 1 / candidates per object.
+        "captioning_shape_ceiling": float(np.mean(
+            [1.0 / len(d.shapes) for found in real_found for d in found])),
         "samples": {"caption_examples": [{"reference": r.caption, "generated": c}
                                          for r, c in zip(refs[:8], captions[:8])]},
     }

@@ -7,7 +7,8 @@ Forward (training and full-sequence evaluation):
   3. the transformer runs with the Transfusion mask (causal + full within images,
      nothing across documents);
   4. logits come from the LM head at every position; per-image hidden states are
-     gathered back at image_start .. image_start + P - 1 and decoded into epsilon.
+     gathered back at image_start .. image_start + P - 1 and decoded into the
+     diffusion prediction (epsilon, v or x0: config.diffusion.prediction).
 """
 from __future__ import annotations
 
@@ -61,14 +62,15 @@ class Transfusion(nnx.Module):
         return out.astype(jnp.float32)
 
     def encode_images(self, latents: jax.Array, t: jax.Array):
-        """latents [B, M, H, W, C], t [B, M] -> (patch embeddings [B, M, P, D], skips)."""
+        """latents [B, M, H, W, C], model times t [B, M] (float; the ddpm step, or flow
+        t * (T - 1)) -> (patch embeddings [B, M, P, D], skips)."""
         b, m = latents.shape[:2]
         emb, skips = self.image_encoder(latents.reshape(b * m, *latents.shape[2:]),
                                         t.reshape(b * m))
         return emb.reshape(b, m, *emb.shape[1:]), skips
 
     def decode_images(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
-        """hidden [B, M, P, D] -> epsilon [B, M, H, W, C] (float32)."""
+        """hidden [B, M, P, D] -> the image prediction [B, M, H, W, C] (float32)."""
         b, m = hidden.shape[:2]
         eps = self.image_decoder(hidden.reshape(b * m, *hidden.shape[2:]), skips,
                                  t.reshape(b * m))
@@ -104,9 +106,9 @@ class Transfusion(nnx.Module):
     # --- full forward ---
 
     def __call__(self, batch: dict, noisy_images: jax.Array, t: jax.Array):
-        """batch: contract arrays; noisy_images [B, M, H, W, C]; t int32 [B, M].
+        """batch: contract arrays; noisy_images [B, M, H, W, C]; model times t [B, M].
 
-        Returns (logits float32 [B, L, V], eps float32 [B, M, H, W, C]).
+        Returns (logits float32 [B, L, V], image prediction float32 [B, M, H, W, C]).
         """
         patch_emb, skips = self.encode_images(noisy_images, t)
         x = self.mix_inputs(batch["tokens"], batch["image_index"], patch_emb)
