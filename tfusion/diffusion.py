@@ -245,17 +245,3 @@ class NoiseProcess:
         a, s = np.asarray(a, np.float64), np.asarray(s, np.float64)
         with np.errstate(divide="ignore"):
             return 2.0 * (np.log(a) - np.log(s))
-
-
-# Kept for callers that noise at a given integer ddpm step (tests, references).
-def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, alpha_bar: jax.Array) -> jax.Array:
-    """x_t = sqrt(alpha_bar[t]) x0 + sqrt(1 - alpha_bar[t]) eps; t broadcasts over x0's
-    trailing latent axes (t [B, M] for x0 [B, M, H, W, C])."""
-    ab = broadcast_to_latents(jnp.asarray(alpha_bar, jnp.float32)[t], x0)
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
-
-
-def sample_timesteps(rng: jax.Array, t_max: jax.Array) -> jax.Array:
-    """One t per image, uniform over the integers [0, t_max] (t_max per image)."""
-    u = jax.random.uniform(rng, t_max.shape)
-    return jnp.minimum(jnp.floor(u * (t_max + 1)).astype(jnp.int32), t_max)
