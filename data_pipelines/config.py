@@ -32,7 +32,11 @@ def data_config() -> ml_collections.ConfigDict:
     #                  (needs source="precomputed"; the encoder never runs in training).
     c.encoder = "identity"
     c.encoder_path = ""  # vae/vq: weights directory; precomputed: latents directory
-    c.data_dir = ""  # folder source: images + captions.jsonl; array_record: file glob
+    # folder source: a directory of images + captions.jsonl, one JSON object per line
+    # naming the image file under "file", "file_name", "image" or "path" and its
+    # caption under "caption" or "text" (first present wins; checked at start-up on
+    # the first 20 lines); array_record source: a file glob.
+    c.data_dir = ""
     c.tfds_name = ""  # tfds source: dataset name read with tfds.data_source (no download)
     c.tfds_data_dir = ""  # tfds source: data_dir holding the prepared dataset
     c.tfds_split = "train"  # tfds source: split to read (held-out rows come from it too)
@@ -74,6 +78,15 @@ def data_config() -> ml_collections.ConfigDict:
     c.shuffle = True  # shuffle records (per epoch, seeded by train.seed)
     c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
     c.worker_buffer_size = 2  # batches each worker prepares ahead
+    # --- giving up on unusable data (checked by each packer on the records it reads:
+    # with num_workers > 0, per worker) ---
+    # Stop with UnusableDataError once this many records were read and not one was
+    # usable (all skipped: corrupt, empty, too long...); 0 = never.
+    c.max_records_without_usable = 1000
+    # Stop once more than this fraction of the last `bad_fraction_window` records read
+    # was skipped (checked from the window-th record on); 1.0 = never.
+    c.max_bad_fraction = 0.5
+    c.bad_fraction_window = 1000
     return c
 
 
@@ -100,11 +113,12 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first bad `data.` field of a full experiment config."""
     d = config.data
     for field in ("seq_len", "image_size", "eval_batches", "max_images_per_document",
-                  "tokenizer_vocab_size", "mixture_probe_docs", "worker_buffer_size"):
+                  "tokenizer_vocab_size", "mixture_probe_docs", "worker_buffer_size",
+                  "bad_fraction_window"):
         if not isinstance(d[field], int) or d[field] <= 0:
             _fail(field, f"must be a positive int, got {d[field]!r}")
     for field in ("max_images_per_row", "num_workers", "packing_open_rows", "min_text_chunk",
-                  "eval_examples", "multi_image_fraction"):
+                  "eval_examples", "multi_image_fraction", "max_records_without_usable"):
         if d[field] < 0:
             _fail(field, f"must be >= 0, got {d[field]!r}")
     if d.source not in IMAGE_SOURCES:
@@ -117,6 +131,8 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
     if d.source in ("folder", "array_record") and not d.data_dir:
         _fail("data_dir", f"source={d.source!r} needs data_dir")
+    if d.source == "folder":
+        _validate_folder(d.data_dir)
     if (d.source == "precomputed") != (d.encoder == "precomputed"):
         _fail("encoder", "source='precomputed' and encoder='precomputed' go together, got "
                          f"source={d.source!r}, encoder={d.encoder!r}")
@@ -125,6 +141,8 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     for field in ("image_first_fraction", "text_token_share"):
         if not 0.0 <= d[field] <= 1.0:
             _fail(field, f"{d[field]} outside [0, 1]")
+    if not 0.0 < d.max_bad_fraction <= 1.0:
+        _fail("max_bad_fraction", f"{d.max_bad_fraction} outside (0, 1] (1 = never stop)")
     if d.multi_image_fraction > 1.0:
         _fail("multi_image_fraction", f"{d.multi_image_fraction} outside [0, 1]")
     if not 1 <= d.shapes_max_per_image <= 9:
@@ -132,6 +150,15 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     if config.train.batch_size <= 0:
         raise ConfigError("train.batch_size", f"must be positive, got {config.train.batch_size}")
     _validate_against_model(config)
+
+
+def _validate_folder(data_dir: str) -> None:
+    # Late import: file_sources pulls in grain, which configs alone do not need.
+    from data_pipelines.file_sources import folder_problem
+
+    problem = folder_problem(data_dir)
+    if problem:
+        _fail("data_dir", problem)
 
 
 def _validate_against_model(config: ml_collections.ConfigDict) -> None:

@@ -22,7 +22,8 @@ import numpy as np
 
 from data_pipelines import encoders
 from data_pipelines.images import prepare_image
-from data_pipelines.records import BadRecord, DocItem, ImageCaptionRecord, TextRecord, clean_text
+from data_pipelines.records import (BadRecord, DocItem, ImageCaptionRecord, TextRecord,
+                                    clean_text, located)
 from data_pipelines.tokenizer import Tokenizer
 from tfusion.batch import ImageSegment
 from tfusion.config import image_token_offset
@@ -69,7 +70,7 @@ class DocumentBuilder:
 
     def _image(self, record: ImageCaptionRecord):
         if record.error:
-            raise BadRecord(record.error)
+            raise BadRecord(record.error, record.error_detail)
         caption, caption_repairs = self._caption_ids(record.caption)
         if record.latent is not None:  # precomputed: the encoder already ran offline
             return record.latent, caption, caption_repairs
@@ -91,7 +92,7 @@ class DocumentBuilder:
             try:
                 latent, caption, fixes = self._image(rec)
             except BadRecord as e:
-                return DocItem.skipped(e.reason, repairs)
+                return _skipped(e, rec, repairs)
             repairs += fixes
             image_first = rng.random() < opt.image_first_fraction
             dropped = rng.random() < opt.cfg_dropout
@@ -110,7 +111,7 @@ class DocumentBuilder:
             try:
                 codes = self._code_tokens(latent)
             except BadRecord as e:
-                return DocItem.skipped(e.reason, repairs)
+                return _skipped(e, rec, repairs)
             pending = pending + before + [self.tok.boi_id] + codes + [self.tok.eoi_id] + after
         segments.append(np.asarray(pending + [self.tok.eos_id], np.int32))
         return DocItem(document=segments, repairs=repairs)
@@ -126,14 +127,18 @@ class DocumentBuilder:
         return (flat + self.opt.image_token_offset).tolist()
 
     def text_document(self, record: TextRecord) -> DocItem:
-        if record.error:
-            return DocItem.skipped(record.error)
         try:
+            if record.error:
+                raise BadRecord(record.error, record.error_detail)
             text, repairs = clean_text(record.text, "empty_text")
         except BadRecord as e:
-            return DocItem.skipped(e.reason)
+            return _skipped(e, record)
         ids = [self.tok.bos_id] + self.tok.encode(text) + [self.tok.eos_id]
         return DocItem(document=[np.asarray(ids, np.int32)], repairs=repairs)
+
+
+def _skipped(error: BadRecord, record, repairs: tuple[str, ...] = ()) -> DocItem:
+    return DocItem.skipped(error.reason, repairs, located(record.origin, error.detail))
 
 
 def image_documents(records: grain.MapDataset, builder: DocumentBuilder) -> grain.MapDataset:

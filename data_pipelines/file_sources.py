@@ -1,25 +1,41 @@
 """File-backed sources: image folder + captions.jsonl, ArrayRecord files, text files.
 
 Every line / record becomes exactly one raw record; a record that cannot be read
-becomes a record with `error` set (counted downstream), never an exception.
+becomes a record with `error` set (counted downstream), never an exception. Each
+record's `origin` names its file and line, so skip examples point at the culprit.
+
+Image folder: `<data_dir>/captions.jsonl`, one JSON object per line, e.g.
+  {"file": "a.png", "caption": "a red circle"}
+The image file (relative to data_dir) is read from the first of IMAGE_KEYS present:
+"file", "file_name" (Hugging Face imagefolder's metadata.jsonl layout), "image",
+"path"; the caption from the first of CAPTION_KEYS present: "caption", "text".
+`folder_problem` checks the first PROBE_LINES lines at start-up, so a folder whose
+lines use other keys is refused before training rather than skipped record by record.
 """
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import struct
+from typing import Optional
 
 import grain
 
 from data_pipelines.records import ImageCaptionRecord, TextRecord
 
 CAPTIONS_FILE = "captions.jsonl"
+IMAGE_KEYS = ("file", "file_name", "image", "path")  # first present wins
+CAPTION_KEYS = ("caption", "text")  # first present wins
+PROBE_LINES = 20  # non-empty captions.jsonl lines checked at start-up
 
 
-def _read_lines(path: str) -> list[bytes]:
+def _numbered_lines(path: str) -> list[tuple[int, bytes]]:
+    """(1-based line number, line) of every non-empty line."""
     with open(path, "rb") as f:
-        return [line for line in f.read().split(b"\n") if line.strip()]
+        lines = f.read().split(b"\n")
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _expand(pattern: str) -> list[str]:
@@ -29,25 +45,86 @@ def _expand(pattern: str) -> list[str]:
     return paths
 
 
-# --- image folder: <dir>/captions.jsonl lines {"file": "a.png", "caption": "..."} ---
+def _quoted(keys) -> str:
+    return ", ".join(repr(k) for k in keys)
 
-def _folder_record(directory: str, line: bytes) -> ImageCaptionRecord:
+
+def _json_object(line: bytes) -> tuple[Optional[dict], str]:
+    """(object, "") or (None, why the line is not a JSON object)."""
     try:
-        meta = json.loads(line)
-        name, caption = meta["file"], meta.get("caption")
-        path = os.path.join(directory, name)
-    except Exception:  # bad JSON, missing key, wrong types
-        return ImageCaptionRecord(None, None, error="bad_metadata_line")
+        value = json.loads(line)
+    except ValueError as e:
+        return None, f"not JSON ({e})"
+    if not isinstance(value, dict):
+        return None, f"not a JSON object but {type(value).__name__}"
+    return value, ""
+
+
+def _first_key(meta: dict, keys) -> Optional[str]:
+    return next((k for k in keys if k in meta), None)
+
+
+# --- image folder ---
+
+def _image_name(meta: dict) -> tuple[Optional[str], str]:
+    """(file name, "") or (None, why the metadata names no image file)."""
+    key = _first_key(meta, IMAGE_KEYS)
+    if key is None:
+        return None, (f"no image key (looked for {_quoted(IMAGE_KEYS)}); "
+                      f"keys found: {list(meta)}")
+    if not isinstance(meta[key], str):
+        return None, f"{key!r} holds {type(meta[key]).__name__}, not a file name"
+    return meta[key], ""
+
+
+def _folder_record(directory: str, number: int, line: bytes) -> ImageCaptionRecord:
+    where = f"{CAPTIONS_FILE} line {number}"
+    meta, problem = _json_object(line)
+    name, problem = _image_name(meta) if meta is not None else (None, problem)
+    if name is None:
+        return ImageCaptionRecord(None, None, error="bad_metadata_line", error_detail=problem,
+                                  origin=where)
+    caption_key = _first_key(meta, CAPTION_KEYS)
+    caption = meta[caption_key] if caption_key else None
+    origin = f"{name} ({where})"
     try:
-        with open(path, "rb") as f:
-            return ImageCaptionRecord(f.read(), caption)
-    except OSError:
-        return ImageCaptionRecord(None, caption, error="missing_image_file")
+        with open(os.path.join(directory, name), "rb") as f:
+            return ImageCaptionRecord(f.read(), caption, origin=origin)
+    except OSError as e:
+        return ImageCaptionRecord(None, caption, error="missing_image_file",
+                                  error_detail=f"{type(e).__name__}: {e.strerror}", origin=origin)
 
 
 def folder_records(directory: str) -> grain.MapDataset:
-    lines = _read_lines(os.path.join(directory, CAPTIONS_FILE))
-    return grain.MapDataset.source(lines).map(lambda line: _folder_record(directory, line))
+    lines = _numbered_lines(os.path.join(directory, CAPTIONS_FILE))
+    return grain.MapDataset.source(lines).map(
+        lambda item: _folder_record(directory, *item))
+
+
+def _probe_objects(path: str) -> tuple[int, list[dict]]:
+    """(non-empty lines read, JSON objects among them) of the first PROBE_LINES lines."""
+    with open(path, "rb") as f:
+        lines = list(itertools.islice((line for line in f if line.strip()), PROBE_LINES))
+    objects = [meta for meta, _ in map(_json_object, lines) if meta is not None]
+    return len(lines), objects
+
+
+def folder_problem(directory: str) -> str:
+    """Why `directory` cannot serve the folder source, judged from its first
+    PROBE_LINES captions.jsonl lines; "" if it can."""
+    path = os.path.join(directory, CAPTIONS_FILE)
+    if not os.path.isfile(path):
+        return f"{path} not found (the folder source reads images named in {CAPTIONS_FILE})"
+    read, objects = _probe_objects(path)
+    if not objects:
+        return (f"none of the first {read} non-empty lines of {path} is a JSON object "
+                f"(expected e.g. {{\"file\": \"a.png\", \"caption\": \"...\"}})")
+    keys = list(dict.fromkeys(k for meta in objects for k in meta))  # first-seen order
+    for role, accepted in (("image", IMAGE_KEYS), ("caption", CAPTION_KEYS)):
+        if not any(_first_key(meta, accepted) for meta in objects):
+            return (f"{CAPTIONS_FILE} lines name the {role} under one of {_quoted(accepted)}; "
+                    f"the first {read} lines have keys {keys}")
+    return ""
 
 
 # --- ArrayRecord: record = u32 little-endian caption length, caption bytes, image bytes ---
@@ -56,13 +133,16 @@ def encode_image_caption(caption: bytes, image: bytes) -> bytes:
     return struct.pack("<I", len(caption)) + caption + image
 
 
-def decode_image_caption(record: bytes) -> ImageCaptionRecord:
+def decode_image_caption(record: bytes, origin: str = "") -> ImageCaptionRecord:
     if len(record) < 4:
-        return ImageCaptionRecord(None, None, error="unreadable_record")
+        return ImageCaptionRecord(None, None, error="unreadable_record", origin=origin,
+                                  error_detail=f"{len(record)} bytes, shorter than the header")
     (n,) = struct.unpack("<I", record[:4])
     if 4 + n > len(record):
-        return ImageCaptionRecord(None, None, error="unreadable_record")
-    return ImageCaptionRecord(record[4 + n:], record[4:4 + n])
+        return ImageCaptionRecord(None, None, error="unreadable_record", origin=origin,
+                                  error_detail=f"caption length {n} overruns the "
+                                               f"{len(record)}-byte record")
+    return ImageCaptionRecord(record[4 + n:], record[4:4 + n], origin=origin)
 
 
 def write_array_records(path: str, pairs) -> None:
@@ -77,25 +157,31 @@ def write_array_records(path: str, pairs) -> None:
 
 def array_record_records(pattern: str) -> grain.MapDataset:
     source = grain.sources.ArrayRecordDataSource(_expand(pattern))
-    return grain.MapDataset.source(source).map(decode_image_caption)
+    return grain.MapDataset.source(source).map_with_index(
+        lambda i, record: decode_image_caption(record, f"{pattern} record {i}"))
 
 
 # --- text: .txt = one document per non-empty line; .jsonl = one object per line ---
 
-def _jsonl_text(line: bytes, key: str) -> TextRecord:
-    try:
-        return TextRecord(json.loads(line)[key])
-    except Exception:
-        return TextRecord(None, error="bad_metadata_line")
+def _jsonl_text(line: bytes, key: str, origin: str) -> TextRecord:
+    meta, problem = _json_object(line)
+    if meta is not None and key not in meta:
+        problem = f"no {key!r} key; keys found: {list(meta)}"
+    if problem:
+        return TextRecord(None, error="bad_metadata_line", error_detail=problem, origin=origin)
+    return TextRecord(meta[key], origin=origin)
+
+
+def _text_record(item: tuple[str, int, bytes], jsonl_key: str) -> TextRecord:
+    path, number, line = item
+    origin = f"{os.path.basename(path)} line {number}"
+    if path.endswith(".jsonl"):
+        return _jsonl_text(line, jsonl_key, origin)
+    return TextRecord(line, origin=origin)
 
 
 def text_file_records(pattern: str, jsonl_key: str) -> grain.MapDataset:
     """All lines of all matching files (held in memory: fine for small corpora)."""
-    lines, is_jsonl = [], []
-    for path in _expand(pattern):
-        file_lines = _read_lines(path)
-        lines += file_lines
-        is_jsonl += [path.endswith(".jsonl")] * len(file_lines)
-    items = list(zip(lines, is_jsonl))
-    return grain.MapDataset.source(items).map(
-        lambda item: _jsonl_text(item[0], jsonl_key) if item[1] else TextRecord(item[0]))
+    items = [(path, number, line) for path in _expand(pattern)
+             for number, line in _numbered_lines(path)]
+    return grain.MapDataset.source(items).map(lambda item: _text_record(item, jsonl_key))

@@ -7,6 +7,7 @@ statistics count them.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -20,6 +21,9 @@ _CONVERSIONS = {"L": "grayscale_to_rgb", "1": "grayscale_to_rgb", "I": "grayscal
                 "LA": "alpha_to_rgb", "RGBA": "alpha_to_rgb", "P": "palette_to_rgb",
                 "PA": "palette_to_rgb", "CMYK": "cmyk_to_rgb", "YCbCr": "ycbcr_to_rgb"}
 MAX_PIXELS = 64_000_000  # larger images are refused rather than risk memory blow-up
+# PIL names the in-memory stream by its address; dropped so skip examples (kept in
+# pipeline state) are the same on every run.
+_STREAM_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -35,7 +39,8 @@ def _decode(data: bytes) -> Image.Image:
     except BadRecord:
         raise
     except Exception as e:  # PIL raises many types for broken files
-        raise BadRecord("corrupt_image", f"{type(e).__name__}: {e}") from None
+        message = _STREAM_REPR.sub("", str(e))
+        raise BadRecord("corrupt_image", f"{type(e).__name__}: {message}") from None
     return image
 
 

@@ -3,8 +3,8 @@
   python -m data_pipelines.inspect --config=data_pipelines/example_config.py \
       [--config.data.image_size=32 ...] [--batches=4] [--rows=4] [--png=rows.png]
 
-Prints batch shapes, packing efficiency, mixture weights and skipped/repaired counts
-by reason, and writes a PNG of the first rows: each row's images and its decoded
+Prints batch shapes, packing efficiency, mixture weights, skipped/repaired counts
+by reason with the first skipped record of each reason, and writes a PNG of the first rows: each row's images and its decoded
 documents (<boi>/<eoi> mark where the image patches sit).
 """
 from __future__ import annotations
@@ -88,13 +88,15 @@ def main(argv):
     tok = build_tokenizer(config)
     it = pipeline.make_train_iterator(config)
     batches = [next(it) for _ in range(_BATCHES.value)]
-    stats = it.stats()
+    stats, examples = it.stats(), it.skip_examples()
     it.close()
     print("batch shapes:", {k: (tuple(v.shape), str(v.dtype)) for k, v in batches[0].items()})
     print(f"packing efficiency: {stats.packing_efficiency:.4f} "
           f"({stats.nonpad_tokens}/{stats.row_tokens} positions)")
     print("mixture (document probabilities):", json.dumps(it.mixture_weights))
     print("skipped by reason:", json.dumps(stats.skipped))
+    for reason, detail in examples.items():
+        print(f"  first {reason}: {detail}")
     print("repaired by reason:", json.dumps(stats.repaired))
     print("stats:", json.dumps(stats.to_dict()))
     draw_rows(batches[0], _ROWS.value, tok, it.spec.patches_per_image).save(_PNG.value)

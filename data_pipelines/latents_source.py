@@ -47,18 +47,22 @@ def encode_record(caption, latent: np.ndarray | None, attributes=None, error: st
     return struct.pack("<I", len(raw)) + raw + body
 
 
-def decode_record(record: bytes) -> ImageCaptionRecord:
+def decode_record(record: bytes, origin: str = "") -> ImageCaptionRecord:
     try:
         (n,) = struct.unpack("<I", record[:4])
         header = json.loads(record[4:4 + n])
-    except Exception:  # truncated or foreign record
-        return ImageCaptionRecord(None, None, error="unreadable_record")
+    except Exception as e:  # truncated or foreign record
+        return ImageCaptionRecord(None, None, error="unreadable_record", origin=origin,
+                                  error_detail=f"{type(e).__name__}: {e}")
     if header.get("error"):
-        return ImageCaptionRecord(None, header.get("caption"), error=header["error"])
+        return ImageCaptionRecord(None, header.get("caption"), error=header["error"],
+                                  origin=origin,
+                                  error_detail="recorded by launch/encode_latents.py")
     dtype = np.dtype(header["dtype"]).newbyteorder("<")
     latent = np.frombuffer(record[4 + n:], dtype=dtype).reshape(header["shape"])
     return ImageCaptionRecord(None, header["caption"], attributes=header.get("attributes"),
-                              latent=latent.astype(dtype.newbyteorder("="), copy=False))
+                              latent=latent.astype(dtype.newbyteorder("="), copy=False),
+                              origin=origin)
 
 
 def read_metadata(directory: str) -> dict:
@@ -80,4 +84,5 @@ def split_files(directory: str, split: str) -> list[str]:
 def records(directory: str, split: str) -> grain.MapDataset:
     """ImageCaptionRecords with `latent` set (or `error`), in the encoded source's order."""
     source = grain.sources.ArrayRecordDataSource(split_files(directory, split))
-    return grain.MapDataset.source(source).map(decode_record)
+    return grain.MapDataset.source(source).map_with_index(
+        lambda i, record: decode_record(record, f"{split} latent record {i}"))

@@ -19,28 +19,42 @@ MapDataset (deterministic by index), so a restored iterator continues exactly.
 
 Each batch carries `STATS_KEY`: counters accumulated since the previous batch
 (documents, skipped/<reason>, repaired/<reason>, tokens); the pipeline pops it.
+A batch also carries `EXAMPLES_KEY` ({reason: detail of its first record}) when
+skip reasons were seen for the first time since the previous batch; examples are
+strings, so they are not summed with the counters.
+
+Giving up: every record read (packed or skipped) goes to a stats.RecordOutcomes;
+when `limits` are set and the records break them (e.g. every record is skipped,
+which would otherwise spin forever over a repeating source), `next` raises
+UnusableDataError naming the counts and the top reasons with an example each. Each
+packer (one per mp_prefetch worker) judges the records it reads itself; the
+outcomes are part of the state, so a restored packer stops at the same record.
 """
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Optional
 
 import grain
 import numpy as np
 
-from data_pipelines.records import DocItem
+from data_pipelines.records import DocItem, located
+from data_pipelines.stats import RecordOutcomes, UsabilityLimits
 from tfusion.batch import BatchSpec, assemble_rows, document_images, document_length
 
 STATS_KEY = "__pipeline_stats__"
+EXAMPLES_KEY = "__skip_examples__"
 
 
 class PackingIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.MapDataset, spec: BatchSpec, pad_id: int,
-                 open_rows: int = 0, min_text_chunk: int = 16):
+                 open_rows: int = 0, min_text_chunk: int = 16,
+                 limits: Optional[UsabilityLimits] = None):
         super().__init__(parent)
         self.spec, self.pad_id = spec, pad_id
         self.open_rows = open_rows or 2 * spec.batch_size
         self.min_text_chunk = min_text_chunk
+        self.limits = limits  # None: never give up
 
     def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
         """mp_prefetch workers each pack a disjoint slice of the documents."""
@@ -83,6 +97,7 @@ class PackingIterator(grain.DatasetIterator):
         self._open: list[_Row] = []
         self._closed: list[_Row] = []
         self._counts: collections.Counter = collections.Counter()
+        self._outcomes = RecordOutcomes(options.limits)
         self._cache: dict[int, Any] = {}  # doc index -> Document of pieces in rows
 
     # --- reading documents -------------------------------------------------------
@@ -91,30 +106,43 @@ class PackingIterator(grain.DatasetIterator):
         try:
             item = self._docs[index]
         except Exception as e:  # a bug upstream must not kill training: count it
-            return DocItem.skipped(f"unexpected_{type(e).__name__}")
+            return DocItem.skipped(f"unexpected_{type(e).__name__}",
+                                   detail=located(f"document {index}", str(e)))
         if not isinstance(item, DocItem):
-            return DocItem.skipped("not_a_document")
+            return DocItem.skipped("not_a_document",
+                                   detail=f"document {index} is a {type(item).__name__}")
         return item
+
+    def _unfit(self, n: int, k: int) -> tuple[str, str]:
+        """(skip reason, detail) for a document no row can hold, else ("", "")."""
+        spec = self._spec
+        if k > spec.max_images:
+            return "too_many_images", f"{k} images; a row has {spec.max_images} slots"
+        if k and n > spec.seq_len:
+            return "too_long_with_image", (f"{n} positions with {k} image(s); rows hold "
+                                           f"{spec.seq_len} and images are never split")
+        if n == 0:
+            return "empty_document", ""
+        return "", ""
+
+    def _skip(self, reason: str, detail: str) -> None:
+        self._counts[f"skipped/{reason}"] += 1
+        self._outcomes.add_skipped(reason, detail)
 
     def _add(self, index: int, item: DocItem) -> None:
         for repair in item.repairs:
             self._counts[f"repaired/{repair}"] += 1
-        if item.document is None:
-            self._counts[f"skipped/{item.skip_reason}"] += 1
-            return
         doc = item.document
+        if doc is None:
+            self._skip(item.skip_reason, item.detail)
+            return
         n, k = document_length(doc, self._p), document_images(doc)
-        spec = self._spec
-        if k > spec.max_images:
-            self._counts["skipped/too_many_images"] += 1
-            return
-        if k and n > spec.seq_len:
-            self._counts["skipped/too_long_with_image"] += 1
-            return
-        if n == 0:
-            self._counts["skipped/empty_document"] += 1
+        reason, detail = self._unfit(n, k)
+        if reason:
+            self._skip(reason, located(f"document {index}", detail))
             return
         self._counts["documents"] += 1
+        self._outcomes.add_usable()
         self._cache[index] = _joined_text(doc)
         if k:
             self._place(self._fitting_row(n, k) or self._new_row(), [index, 0, n], n, k)
@@ -189,6 +217,7 @@ class PackingIterator(grain.DatasetIterator):
             index = self._next_index
             self._next_index += 1
             self._add(index, self._read(index))
+            self._outcomes.check()
         rows, self._closed = self._closed[:b], self._closed[b:]
         rows += [_Row() for _ in range(b - len(rows))]
         batch = assemble_rows([self._row_documents(r) for r in rows], self._spec, self._pad_id)
@@ -199,6 +228,9 @@ class PackingIterator(grain.DatasetIterator):
         self._counts["images"] += sum(r.images for r in rows)
         batch[STATS_KEY] = dict(self._counts)
         self._counts = collections.Counter()
+        examples = self._outcomes.take_new_examples()
+        if examples:
+            batch[EXAMPLES_KEY] = examples
         self._drop_unreferenced()
         return batch
 
@@ -217,6 +249,7 @@ class PackingIterator(grain.DatasetIterator):
             "open_rows": [r.to_state() for r in self._open],
             "closed_rows": [r.to_state() for r in self._closed],
             "counts": dict(self._counts),
+            "outcomes": self._outcomes.get_state(),
         }
 
     def set_state(self, state: dict) -> None:
@@ -224,6 +257,9 @@ class PackingIterator(grain.DatasetIterator):
         self._open = [_Row.from_state(s) for s in state["open_rows"]]
         self._closed = [_Row.from_state(s) for s in state["closed_rows"]]
         self._counts = collections.Counter({k: int(v) for k, v in state["counts"].items()})
+        self._outcomes = RecordOutcomes(self._outcomes.limits)
+        if "outcomes" in state:  # absent in states saved before outcomes were tracked
+            self._outcomes.set_state(state["outcomes"])
         # Documents are a pure function of their index: re-read the ones in rows.
         self._cache = {}
         for i in sorted(self._referenced()):

@@ -12,6 +12,11 @@ Everything before the packer is a MapDataset, so any document is a pure function
 workers each pack every num_workers-th document of that shard. A given
 (config, process_count, num_workers) therefore always yields the same batches, and
 restored state continues them exactly.
+
+Nothing is lost silently: every record read is counted (packed, or skipped by
+reason with the first example of each reason), and a packer whose records break
+data.max_records_without_usable / data.max_bad_fraction raises UnusableDataError out
+of `next` (grain re-raises a worker's exception, unchanged, in this process).
 """
 from __future__ import annotations
 
@@ -24,8 +29,8 @@ import numpy as np
 from data_pipelines import mixture, sources
 from data_pipelines.documents import (DocumentBuilder, DocumentOptions, image_documents,
                                       text_documents)
-from data_pipelines.packing import STATS_KEY, PackingIterDataset
-from data_pipelines.stats import PipelineStats
+from data_pipelines.packing import EXAMPLES_KEY, STATS_KEY, PackingIterDataset
+from data_pipelines.stats import PipelineStats, UsabilityLimits, log_counts
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
 from tfusion.batch import BatchSpec
 from tfusion.config import is_discrete
@@ -79,7 +84,8 @@ class PipelineIterator(Iterator[dict]):
     """Yields contract batches (dict of numpy arrays); get_state/set_state are JSON-able.
 
     Pipeline statistics arrive inside each batch from the (possibly remote) packers
-    and are summed here, so they cover exactly the batches this iterator returned.
+    and are summed here, so they cover exactly the batches this iterator returned;
+    so do the skip examples (first example of each reason wins).
     """
 
     def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, pad_id: int,
@@ -90,26 +96,39 @@ class PipelineIterator(Iterator[dict]):
         self._num_batches = num_batches
         self._produced = 0
         self._totals: collections.Counter = collections.Counter()
+        self._examples: dict[str, str] = {}
 
     def __next__(self) -> dict:
         if self._num_batches is not None and self._produced >= self._num_batches:
             raise StopIteration
         batch = next(self._it)
         self._totals.update(batch.pop(STATS_KEY))
+        for reason, detail in batch.pop(EXAMPLES_KEY, {}).items():
+            self._examples.setdefault(reason, detail)
         self._produced += 1
         return {k: np.asarray(v) for k, v in batch.items()}
 
     def get_state(self) -> dict:
         return {"grain": self._it.get_state(), "totals": dict(self._totals),
-                "produced": self._produced}
+                "examples": dict(self._examples), "produced": self._produced}
 
     def set_state(self, state: dict) -> None:
         self._it.set_state(state["grain"])
         self._totals = collections.Counter({k: int(v) for k, v in state["totals"].items()})
+        self._examples = dict(state.get("examples", {}))  # absent in older checkpoints
         self._produced = int(state["produced"])
 
     def stats(self) -> PipelineStats:
         return PipelineStats.from_counts(self._totals)
+
+    def data_counts(self) -> dict[str, int]:
+        """Cumulative counts over the batches returned so far, for the trainer's log:
+        data_records_read, data_skipped_<reason>, data_repaired_<repair>."""
+        return log_counts(self._totals)
+
+    def skip_examples(self) -> dict[str, str]:
+        """Skip reason -> where and why its first skipped record failed."""
+        return dict(self._examples)
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)
@@ -139,7 +158,7 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
                                         d.mixture_probe_docs, spec.patches_per_image)
     docs = docs[process_index::process_count]
     dataset = PackingIterDataset(docs, spec, tokenizer.pad_id, d.packing_open_rows,
-                                 d.min_text_chunk)
+                                 d.min_text_chunk, UsabilityLimits.from_config(d))
     workers = d.num_workers if split == "train" else 0
     if workers > 0:
         _ensure_absl_flags_parsed()

@@ -4,6 +4,9 @@ Sources yield `ImageCaptionRecord` / `TextRecord` (raw bytes or arrays, possibly
 broken). Document builders turn each into a `DocItem`: either a tfusion.batch
 Document or a skip reason. Repairs (e.g. a grayscale image converted to RGB) travel
 with the DocItem, so the packer can count every record exactly once.
+
+Every skip carries a short human-readable `detail` (where the record came from and
+what was wrong), so the first example of each reason can be shown to the user.
 """
 from __future__ import annotations
 
@@ -13,12 +16,28 @@ from typing import Any, Optional
 from tfusion.batch import Document
 
 
+MAX_DETAIL_CHARS = 300  # examples travel in every batch's statistics and in state
+
+
 class BadRecord(Exception):
     """A record cannot be used; `reason` is the statistics key it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
+
+
+class UnusableDataError(RuntimeError):
+    """Too many records were skipped for training to do useful work (data.max_* fields).
+
+    Takes only the message, so it pickles unchanged out of grain worker processes.
+    """
+
+
+def located(origin: str, detail: str) -> str:
+    """'<where the record came from>: <what was wrong>', cut to MAX_DETAIL_CHARS."""
+    text = ": ".join(part for part in (origin, detail) if part)
+    return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS - 3] + "..."
 
 
 @dataclasses.dataclass
@@ -30,12 +49,16 @@ class ImageCaptionRecord:
     # Precomputed latent (data_pipelines/latents_source.py); when set, `image` is
     # neither prepared nor encoded.
     latent: Any = None
+    error_detail: str = ""  # what exactly was wrong, for the skip example
+    origin: str = ""  # where the record came from (file, line), prefixed to skip details
 
 
 @dataclasses.dataclass
 class TextRecord:
     text: Any  # str or raw bytes
     error: str = ""
+    error_detail: str = ""
+    origin: str = ""
 
 
 @dataclasses.dataclass
@@ -45,10 +68,11 @@ class DocItem:
     document: Optional[Document] = None
     skip_reason: str = ""
     repairs: tuple[str, ...] = ()
+    detail: str = ""  # skips: which record and what was wrong (see `located`)
 
     @classmethod
-    def skipped(cls, reason: str, repairs: tuple[str, ...] = ()) -> "DocItem":
-        return cls(document=None, skip_reason=reason, repairs=repairs)
+    def skipped(cls, reason: str, repairs: tuple[str, ...] = (), detail: str = "") -> "DocItem":
+        return cls(document=None, skip_reason=reason, repairs=repairs, detail=detail)
 
 
 def clean_text(raw: Any, empty_reason: str) -> tuple[str, tuple[str, ...]]:

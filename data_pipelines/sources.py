@@ -73,8 +73,9 @@ def _tfds(data, split: str) -> grain.MapDataset:
     def to_record(example) -> ImageCaptionRecord:
         try:
             return ImageCaptionRecord(np.asarray(example[image_key]), example[caption_key])
-        except Exception:
-            return ImageCaptionRecord(None, None, error="unreadable_record")
+        except Exception as e:
+            return ImageCaptionRecord(None, None, error="unreadable_record",
+                                      error_detail=f"{type(e).__name__}: {e}")
 
     return _split(grain.MapDataset.source(source).map(to_record), data, split)
 
@@ -114,5 +115,6 @@ def text_source(data, split: str) -> grain.MapDataset:
         # caption alone is cheap (images are decoded later, only for image documents).
         records = image_source(data, split)
         return records.shuffle(seed=SHAPES_SPLIT_SEEDS[split] + 100).map(
-            lambda r: TextRecord(r.caption, error=r.error))
+            lambda r: TextRecord(r.caption, error=r.error, error_detail=r.error_detail,
+                                 origin=r.origin))
     raise ValueError(f"no text source for data.text_source={data.text_source!r}")

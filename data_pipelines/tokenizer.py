@@ -18,8 +18,14 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from tfusion.config import ConfigError
+
 BOI_PIECE, EOI_PIECE = "<boi>", "<eoi>"
 BUILTIN_VERSION = 1  # bump when the builtin corpus or trainer options change
+
+
+class TokenizerError(ValueError):
+    """A tokenizer model file cannot be used; the message names the file."""
 
 
 class Tokenizer:
@@ -31,8 +37,15 @@ class Tokenizer:
         self._load()
 
     def _load(self):
-        self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        if not self._proto:  # refused here: sentencepiece loads it and logs errors later
+            raise ValueError("empty file, not a sentencepiece model")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError as e:  # sentencepiece's C++ parse and validity checks
+            raise ValueError(f"not a sentencepiece model ({str(e).strip()})") from e
         base = self.sp.get_piece_size()
+        if base == 0:
+            raise ValueError("not a sentencepiece model (no pieces)")
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self._default_pad
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
@@ -74,8 +87,17 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str, pad_id: int = 0) -> Tokenizer:
-    with open(path, "rb") as f:
-        return Tokenizer(f.read(), pad_id=pad_id)
+    """The sentencepiece model at `path`; TokenizerError naming it when it is missing,
+    unreadable or not a usable sentencepiece model."""
+    try:
+        with open(path, "rb") as f:
+            proto = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer model {path!r}: {e.strerror or e}") from e
+    try:
+        return Tokenizer(proto, pad_id=pad_id)
+    except ValueError as e:
+        raise TokenizerError(f"{path!r}: {e}") from e
 
 
 def train_tokenizer_proto(texts: Iterable[str], vocab_size: int) -> bytes:
@@ -141,9 +163,14 @@ def builtin_tokenizer(vocab_size: int = 512, cache_dir: str = "") -> Tokenizer:
 
 
 def build_tokenizer(config) -> Tokenizer:
-    """The tokenizer named by config.data.tokenizer ('builtin' or a .model path)."""
+    """The tokenizer named by config.data.tokenizer ('builtin' or a .model path); a path
+    that is no usable model raises ConfigError naming the field and the path."""
     d = config.data
     pad_id = config.model.pad_id if "model" in config else 0
     if d.tokenizer == "builtin":
         return builtin_tokenizer(d.tokenizer_vocab_size, d.tokenizer_cache_dir)
-    return load_tokenizer(d.tokenizer, pad_id=pad_id)
+    try:
+        return load_tokenizer(d.tokenizer, pad_id=pad_id)
+    except TokenizerError as e:
+        raise ConfigError("data.tokenizer", f"{e}; expected 'builtin' or a sentencepiece "
+                                            ".model file") from e

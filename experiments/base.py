@@ -39,6 +39,12 @@ def train_config() -> ml_collections.ConfigDict:
     c.log_every = 50  # steps between metrics.jsonl / TensorBoard / console lines
     c.checkpoint_every = 1000  # steps between (async) checkpoints
     c.keep_checkpoints = 3  # newest N checkpoints kept
+    # After SIGTERM the run saves at the next step boundary (or at once while it waits
+    # for data) and stops. If it is still alive this many seconds after the signal
+    # (a stalled pipeline or evaluation), it logs what it waited on and exits with 143,
+    # before the cluster's SIGKILL. Keep it under the grace period (SLURM KillWait,
+    # Kubernetes and GCE preemption default to 30 s). 0 = no deadline.
+    c.preemption_timeout_s = 25.0
     c.eval_every = 0  # steps between held-out evaluations; 0 = never during training
     c.sample_every = 0  # steps between sample grids in workdir/samples/; 0 = never
     # Eval suite (tfusion/eval/suites.py: text, shapes, fid, all) run once when training

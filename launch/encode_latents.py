@@ -9,12 +9,14 @@ DIR/{split}/latents-P-of-N.array_record with the captions, plus DIR/metadata.jso
 (encoder config incl. scale/shift, latent shape, counts); see
 data_pipelines/latents_source.py. Process P encodes the P-th contiguous slice of
 each split, so running N copies (one per host) covers the set and keeps its order.
-Train with data.source=data.encoder="precomputed", data.encoder_path=DIR.
+Train with data.source=data.encoder="precomputed", data.encoder_path=DIR. A bad
+config field or weights directory exits with an `error: ...` message, no traceback.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -149,8 +151,16 @@ def encode_to_directory(config, out: str, splits=("train", "eval"), num_examples
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    stats = encode_to_directory(_CONFIG.value, _OUT.value, _SPLITS.value, _NUM_EXAMPLES.value,
-                                _BATCH.value, _PROCESS_INDEX.value, _PROCESS_COUNT.value)
+    from tfusion.autoencoders.diffusers_weights import WeightsError
+    from tfusion.autoencoders.safetensors_io import SafetensorsError
+    from tfusion.config import ConfigError
+
+    try:
+        stats = encode_to_directory(_CONFIG.value, _OUT.value, _SPLITS.value,
+                                    _NUM_EXAMPLES.value, _BATCH.value, _PROCESS_INDEX.value,
+                                    _PROCESS_COUNT.value)
+    except (ConfigError, WeightsError, SafetensorsError) as e:
+        sys.exit(f"error: {e}")  # the user's input is wrong: no traceback
     print(json.dumps(stats), flush=True)
 
 

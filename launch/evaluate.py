@@ -6,11 +6,13 @@
 Suites: text (perplexity, diffusion loss at fixed t), shapes (compositional
 generation + captioning scores on the built-in shapes data), fid, all. Writes
 workdir/eval/<suite>.json (+ .jsonl history) and samples grids. See
-docs/evaluation.md.
+docs/evaluation.md. A missing run or checkpoint exits with one `error: ...` line on
+stderr.
 """
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 
@@ -35,13 +37,10 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
 
 def _current_defaults():
     """The run's experiment as the code defines it now (fills fields added since)."""
-    import json
-    import os
-
     from experiments import registry
+    from tfusion.eval.checkpoints import load_config
 
-    with open(os.path.join(_WORKDIR.value, "config.json")) as f:
-        name = json.load(f).get("name", "")
+    name = load_config(_WORKDIR.value).get("name", "")
     return registry.get_config(name) if name in registry.EXPERIMENTS else None
 
 
@@ -49,20 +48,25 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("tfusion").setLevel(logging.INFO)
-    from tfusion.eval.checkpoints import load_config, load_model
+    from tfusion.config import ConfigError
+    from tfusion.eval.checkpoints import RunNotFoundError, load_config, load_model
     from tfusion.eval.generation import SamplingSettings
     from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
 
-    model, config, step = load_model(_WORKDIR.value, _STEP.value,
-                                     load_config(_WORKDIR.value, _current_defaults()),
-                                     params=_PARAMS.value)
     cfg_scale = -1.0 if _CFG_SCALE.value is None else (_CFG_SCALE.value or None)
     options = EvalOptions(
         shapes_prompts=_SHAPES_PROMPTS.value, fid_samples=_FID_SAMPLES.value,
         sampling=SamplingSettings(batch_size=_BATCH_SIZE.value, steps=_SAMPLE_STEPS.value,
                                   cfg_scale=cfg_scale, seed=_SEED.value),
         fid_features=_FID_FEATURES.value, progress=not _NO_PROGRESS.value)
-    results = run_eval_suite(_SUITE.value, model, config, _WORKDIR.value, step, options=options)
+    try:
+        model, config, step = load_model(_WORKDIR.value, _STEP.value,
+                                         load_config(_WORKDIR.value, _current_defaults()),
+                                         params=_PARAMS.value)
+        results = run_eval_suite(_SUITE.value, model, config, _WORKDIR.value, step,
+                                 options=options)
+    except (RunNotFoundError, ConfigError) as e:  # e.g. the run's tokenizer file is gone
+        sys.exit(f"error: {e}")  # the user's input is wrong: one line, no traceback
     for name, value in sorted(scalar_metrics(results).items()):
         print(f"{name:50s} {value:.4f}")
 

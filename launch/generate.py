@@ -8,10 +8,13 @@ Without --image the prompt is `BOS prompt BOI`: an image first, then text until 
 or --max_new_tokens. With --image it is `BOS BOI image EOI prompt`: text about the
 image (a caption when --prompt is empty). Writes OUT_DIR/sample_<i>_image_<j>.png
 and OUT_DIR/sample_<i>.txt (the interleaved output, images as <image: file>).
+A missing run, checkpoint, tokenizer or unreadable --image exits with one
+`error: ...` line on stderr.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -39,17 +42,27 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Samples per generate() call.")
 
 
+class ImageInputError(ValueError):
+    """--image is missing or not a decodable image."""
+
+
 def build_prompt(tokenizer, config, text: str, image_path: str | None) -> list:
     import numpy as np
 
     from data_pipelines import encoders
     from data_pipelines.images import prepare_image
+    from data_pipelines.records import BadRecord
     from tfusion.inference.samples import text_to_image_prompt
 
     if image_path is None:
         return text_to_image_prompt(tokenizer, text)
-    with open(image_path, "rb") as f:
-        pixels, _ = prepare_image(f.read(), config.data.image_size)
+    try:
+        with open(image_path, "rb") as f:
+            pixels, _ = prepare_image(f.read(), config.data.image_size)
+    except OSError as e:
+        raise ImageInputError(f"cannot read --image {image_path}: {e.strerror or e}") from e
+    except BadRecord as e:
+        raise ImageInputError(f"--image {image_path}: {e}") from e
     encoder = encoders.resolve(config.data.encoder, config.data.get("encoder_path", ""))
     s = tokenizer
     return [np.asarray([s.bos_id, s.boi_id], np.int32), encoder.encode(pixels),
@@ -89,14 +102,19 @@ def main(argv) -> None:
     from tqdm import tqdm
 
     from data_pipelines import build_tokenizer
-    from tfusion.eval.checkpoints import load_model
+    from tfusion.config import ConfigError
+    from tfusion.eval.checkpoints import RunNotFoundError, load_model
     from tfusion.inference.engine import Engine
     from tfusion.inference.generate import generate
     from tfusion.inference.options import GenerationOptions, SpecialTokens
     from tfusion.inference.samples import clip_for
 
-    model, config, step = load_model(_WORKDIR.value, _STEP.value, params=_PARAMS.value)
-    tokenizer = build_tokenizer(config)
+    try:
+        model, config, step = load_model(_WORKDIR.value, _STEP.value, params=_PARAMS.value)
+        tokenizer = build_tokenizer(config)
+        prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value)
+    except (RunNotFoundError, ConfigError, ImageInputError) as e:
+        sys.exit(f"error: {e}")  # the user's input is wrong: one line, no traceback
     overrides = dict(max_new_tokens=_MAX_NEW_TOKENS.value, max_images=_MAX_IMAGES.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                      clip_denoised=clip_for(config))
@@ -107,7 +125,6 @@ def main(argv) -> None:
             overrides[key] = flag.value
     options = GenerationOptions.from_config(config, **overrides)
     engine = Engine(model, config.diffusion)
-    prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value)
     special = SpecialTokens.from_tokenizer(tokenizer)
     progress = lambda n: tqdm(total=n, desc="diffusion", leave=False)
     n, size = _NUM_SAMPLES.value, _BATCH_SIZE.value

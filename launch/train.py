@@ -36,19 +36,26 @@ def main(argv) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("tfusion").setLevel(logging.INFO)
     # Imported here so that jax is configured (platform, distributed) by flags first.
+    from data_pipelines import UnusableDataError
     from tfusion.config import ConfigError
     from tfusion.train import distributed
+    from tfusion.train.checkpoint import CheckpointSaveError, NoRestorableCheckpointError
     from tfusion.train.loop import NonFiniteError, train
+    from tfusion.train.workdir import WorkdirLockedError
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # A fault the user must act on ends the run with one error line and its exit code
+    # (docs/reliability.md), not a traceback.
+    exit_codes = ((ConfigError, 2, "invalid config: "), (NonFiniteError, 3, ""),
+                  (UnusableDataError, 4, "unusable data: "),
+                  (CheckpointSaveError, 5, ""), (NoRestorableCheckpointError, 5, ""),
+                  (WorkdirLockedError, 6, ""))
     try:
         result = train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        logging.error("invalid config: %s", e)
-        sys.exit(2)
-    except NonFiniteError as e:
-        logging.error("%s", e)
-        sys.exit(3)
+    except tuple(error for error, _, _ in exit_codes) as e:
+        code, prefix = next((c, p) for error, c, p in exit_codes if isinstance(e, error))
+        logging.getLogger("tfusion").error("%s%s", prefix, e)
+        sys.exit(code)
     logging.getLogger("tfusion").info("finished: step %d (%s)", result.step, result.stopped)
 
 

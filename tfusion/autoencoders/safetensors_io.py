@@ -9,6 +9,7 @@ of torch and handles bf16 through ml_dtypes (which jax ships).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Mapping
 
@@ -21,23 +22,64 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-def load(path: str) -> dict[str, np.ndarray]:
-    with open(path, "rb") as f:
-        data = f.read()
+class SafetensorsError(ValueError):
+    """A file is not a readable safetensors file; the message starts with its path."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+def _read_header(path: str, data: bytes) -> tuple[dict, memoryview]:
+    """(header, tensor bytes) of a whole file, checked to be what the format promises."""
+    if len(data) < 8:
+        raise SafetensorsError(path, f"not a safetensors file ({len(data)} bytes, shorter "
+                                     "than the 8-byte header length)")
     (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + header_len])
-    body = memoryview(data)[8 + header_len:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-        array = np.frombuffer(body[begin:end], dtype=dtype)
-        out[name] = array.reshape(info["shape"]).copy()
-    return out
+    if header_len > len(data) - 8:
+        raise SafetensorsError(path, f"not a safetensors file (header length {header_len} "
+                                     f"exceeds the file size {len(data)})")
+    try:
+        header = json.loads(data[8:8 + header_len])
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        header = None
+    if not isinstance(header, dict):
+        raise SafetensorsError(path, "not a safetensors file (its header is not a JSON object)")
+    return header, memoryview(data)[8 + header_len:]
+
+
+def _tensor(path: str, name: str, info, body: memoryview) -> np.ndarray:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise SafetensorsError(path, f"tensor {name}: its header entry lacks "
+                                     "dtype/shape/data_offsets")
+    if info["dtype"] not in _DTYPES:
+        raise SafetensorsError(path, f"tensor {name} has unsupported dtype {info['dtype']}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(n, int) for n in offsets)):
+        raise SafetensorsError(path, f"tensor {name}: malformed shape {shape!r} or "
+                                     f"data_offsets {offsets!r}")
+    dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
+    begin, end = offsets
+    size = math.prod(shape) * dtype.itemsize
+    if not 0 <= begin <= end <= len(body) or end - begin != size:
+        raise SafetensorsError(path, f"tensor {name}: data_offsets {offsets} do not hold "
+                                     f"{size} bytes of {info['dtype']} {shape} within the "
+                                     f"{len(body)} data bytes (truncated file?)")
+    return np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
+
+
+def load(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of the file; any problem with the file raises SafetensorsError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SafetensorsError(path, f"cannot read: {e.strerror or e}") from e
+    header, body = _read_header(path, data)
+    return {name: _tensor(path, name, info, body)
+            for name, info in header.items() if name != "__metadata__"}
 
 
 def save(path: str, tensors: Mapping[str, np.ndarray],

@@ -1,7 +1,9 @@
 """A trained model from a run directory: workdir/config.json + workdir/checkpoints/<step>.
 
 Only the parameters are needed, but orbax restores the state it saved as a whole,
-so the optimizer state is restored too (abstractly typed, then dropped).
+so the optimizer state is restored too (abstractly typed, then dropped). A missing
+run directory, config.json or checkpoint raises RunNotFoundError, whose message is
+the one line the CLIs print.
 """
 from __future__ import annotations
 
@@ -13,6 +15,14 @@ from typing import Optional
 import jax
 import ml_collections
 from flax import nnx
+
+
+class RunNotFoundError(FileNotFoundError):
+    """The run directory, its config.json or the asked checkpoint does not exist."""
+
+
+class UnreadableCheckpointError(RunNotFoundError):
+    """The checkpoint exists but cannot be restored (truncated or missing files)."""
 
 
 def _tuples(value):
@@ -37,7 +47,12 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
     """The run's saved config. With `defaults` (the experiment's current config), the
     saved values are laid over it, so fields added to the code since the run was
     started get their defaults instead of failing as missing."""
-    with open(os.path.join(workdir, "config.json")) as f:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isdir(workdir):
+        raise RunNotFoundError(f"no run directory {workdir}")
+    if not os.path.isfile(path):
+        raise RunNotFoundError(f"no config.json in {workdir} (not a training run directory?)")
+    with open(path) as f:
         saved = _tuples(json.load(f))
     if defaults is None:
         return ml_collections.ConfigDict(saved)
@@ -48,6 +63,20 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
 PARAMS = ("ema", "raw")
 
 
+def _existing_step(checkpointer, step: Optional[int]) -> int:
+    """`step`, or the newest when None; RunNotFoundError listing the saved steps when
+    there is no such checkpoint."""
+    saved = sorted(checkpointer.all_steps())
+    if not saved:
+        raise RunNotFoundError(f"no checkpoint in {checkpointer.directory}")
+    if step is None:
+        return saved[-1]
+    if step not in saved:
+        raise RunNotFoundError(f"no checkpoint for step {step} in {checkpointer.directory}; "
+                               f"available: {', '.join(map(str, saved))}")
+    return step
+
+
 def load_model(workdir: str, step: Optional[int] = None, config=None, params: str = "ema"):
     """(model, config, step) from the newest (or given) checkpoint of a run.
 
@@ -56,25 +85,34 @@ def load_model(workdir: str, step: Optional[int] = None, config=None, params: st
     optimizer's parameters."""
     from tfusion import sharding
     from tfusion.train import optimizer, state as state_lib
-    from tfusion.train.checkpoint import Checkpointer
+    from tfusion.train.checkpoint import Checkpointer, short_error
     from tfusion.train.params import abstract_model
 
-    config = config or load_config(workdir)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1_000_000,
-                                async_save=False)
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    table = sharding.rule_table(config.mesh.rule_overrides)
-    tx = optimizer.make_optimizer(config.optimizer)
     if params not in PARAMS:
         raise ValueError(f"params: unknown {params!r}; choose from {PARAMS}")
-    ema = state_lib.uses_ema(config)
-    target = state_lib.abstract_state(
-        config.model, tx, state_lib.state_shardings(config.model, tx, mesh, table, ema=ema))
-    state, _ = checkpointer.restore(step, target)
-    checkpointer.close()
+    config = config or load_config(workdir)
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):  # Checkpointer would create it
+        raise RunNotFoundError(f"no checkpoint in {directory}")
+    checkpointer = Checkpointer(directory, keep=1_000_000, async_save=False)
+    try:
+        step = _existing_step(checkpointer, step)
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        table = sharding.rule_table(config.mesh.rule_overrides)
+        tx = optimizer.make_optimizer(config.optimizer)
+        ema = state_lib.uses_ema(config)
+        target = state_lib.abstract_state(
+            config.model, tx, state_lib.state_shardings(config.model, tx, mesh, table, ema=ema))
+        try:
+            state, _ = checkpointer.restore(step, target)
+        except Exception as e:  # orbax/tensorstore raise many types for broken files
+            others = [s for s in checkpointer.all_steps() if s != step]
+            raise UnreadableCheckpointError(
+                f"checkpoint step {step} in {directory} cannot be read "
+                f"({type(e).__name__}: {short_error(e)}); other steps: "
+                f"{', '.join(map(str, sorted(others))) or 'none'} (--step)") from e
+    finally:
+        checkpointer.close()
     key = "ema_params" if params == "ema" and ema else "params"
     if params == "ema" and not ema:
         logging.getLogger(__name__).info("the run has no EMA (train.ema_decay = 0): using "

@@ -34,7 +34,7 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str) -> "FeatureStats":
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             return cls(f["mean"], f["cov"], int(f["count"]))
 
 

@@ -132,7 +132,7 @@ def save_feature_net(model: ShapesFeatureNet, metrics: dict, path: str) -> None:
 
 
 def load_feature_net(path: str) -> tuple[ShapesFeatureNet, dict]:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
         metrics = json.loads(str(f["__metrics__"]))
         arrays = {k: f[k] for k in f.files if k != "__metrics__"}
     model = ShapesFeatureNet(int(metrics["image_size"]), rngs=nnx.Rngs(0))

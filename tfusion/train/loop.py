@@ -19,15 +19,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tfusion import losses, sharding
+from tfusion import flops, losses, sharding
 from tfusion.batch import BATCH_NDIMS
 from tfusion.eval.heldout import HeldoutEvaluator
 from tfusion.objective import Objective
 from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
-from tfusion.train.metrics import MetricsWriter, console_line, write_config
+from tfusion.train.feed import BatchFeed, data_counts
+from tfusion.train.metrics import MetricsWriter, console_line, data_summary, write_config
 from tfusion.train.params import abstract_model
 from tfusion.train.validate import validate_config
+from tfusion.train.workdir import WorkdirLock, check_resume_config
 
 _log = logging.getLogger("tfusion.train")
 
@@ -46,15 +48,39 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary."""
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary.
 
-    def __init__(self):
+    A boundary may never come (an input pipeline that delivers nothing, a stalled
+    held-out evaluation), and a cluster's grace period after SIGTERM is short, so the
+    signal also starts a deadline (train.preemption_timeout_s, 0 = none): a run still
+    alive then logs what it was waiting on and exits with 143 (128 + SIGTERM). The
+    loop keeps `waiting_on` current for that message.
+    """
+
+    def __init__(self, timeout_s: float, describe_checkpoints: Callable[[], str]):
         self.requested = False
+        self.waiting_on = "start-up"
+        self._timeout_s = timeout_s
+        self._describe_checkpoints = describe_checkpoints
         self._previous = None
+        self._deadline: threading.Timer | None = None
 
     def _handler(self, signum, frame):
-        _log.warning("SIGTERM received: saving a checkpoint and stopping")
+        _log.warning("SIGTERM received: saving a checkpoint and stopping (waiting on %s; "
+                     "deadline %s)", self.waiting_on,
+                     f"{self._timeout_s:g} s" if self._timeout_s else "none")
         self.requested = True
+        if self._timeout_s and self._deadline is None:
+            self._deadline = threading.Timer(self._timeout_s, self._expire)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def _expire(self) -> None:
+        _log.error("SIGTERM deadline (train.preemption_timeout_s=%g) passed while waiting on "
+                   "%s: exiting without a new checkpoint; %s", self._timeout_s,
+                   self.waiting_on, self._describe_checkpoints())
+        logging.shutdown()  # flush the handlers: os._exit skips interpreter clean-up
+        os._exit(128 + signal.SIGTERM)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -64,6 +90,11 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+    def finished(self) -> None:
+        """The run has shut down: the deadline is no longer needed."""
+        if self._deadline is not None:
+            self._deadline.cancel()
 
 
 def _default_train_iterator(config, *, process_index, process_count):
@@ -80,11 +111,18 @@ def _default_eval_iterator(config, *, process_index, process_count):
 
 def _step_flops(model_cfg, local_batch) -> float:
     """FLOPs of the global step, estimated as this process's batch times the processes."""
-    try:
-        from tfusion import flops
-    except ImportError:
-        return 0.0
     return flops.train_step_flops(model_cfg, local_batch) * jax.process_count()
+
+
+def _summed_over_processes(counts: dict) -> dict:
+    """Data counters of the whole run: every process reads its own shard."""
+    if jax.process_count() == 1:
+        return counts
+    total: dict = {}
+    for process_counts in distributed.allgather_json(counts):
+        for key, value in process_counts.items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
 
 
 class Trainer:
@@ -128,13 +166,13 @@ class Trainer:
 
     def restore_or_init(self, data_iterator):
         """The newest checkpoint's state (in this mesh's shardings) or a fresh state."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        target = state_lib.abstract_state(self.config.model, self.tx, self.state_sh)
+        restored = self.checkpointer.restore_latest(target)
+        if restored is None:
             _, state = state_lib.init_state(self.config.model, self.tx, self.mesh, self.table,
                                             self.config.train.seed, self.state_sh)
             return state
-        target = state_lib.abstract_state(self.config.model, self.tx, self.state_sh)
-        state, data = self.checkpointer.restore(latest, target)
+        latest, state, data = restored
         it_state = iterator_state_for(data, jax.process_index(), jax.process_count())
         if it_state is not None:
             data_iterator.set_state(it_state)
@@ -143,8 +181,10 @@ class Trainer:
 
     # --- pieces of the loop ---
 
-    def save(self, step: int, state: dict, data_iterator) -> None:
-        states = distributed.allgather_json(data_iterator.get_state())
+    def save(self, step: int, state: dict, iterator_state) -> None:
+        """Checkpoint of `state` after `step`; `iterator_state` is this process's data
+        position after the step's batch (BatchFeed.state)."""
+        states = distributed.allgather_json(iterator_state)
         self.checkpointer.save(step, state, states)
 
     def evaluate(self, state) -> dict:
@@ -163,11 +203,16 @@ class Trainer:
             total = sums if total is None else jax.tree.map(np.add, total, sums)
             d = self.diagnostics.batch_sums(sampling_params, batch, rng)
             diag = d if diag is None else jax.tree.map(np.add, diag, d)
+        counts = _summed_over_processes(data_counts(it))
+        close = getattr(it, "close", None)
+        if close:
+            close()
         if total is None:
-            return {}
+            return counts
         values = losses.combine(jax.device_get(total), self.objective.diffusion_weight)
         out = {k: float(v) for k, v in values.items()}
         out.update(self.diagnostics.finish(diag))
+        out.update(counts)
         return out
 
     def write_samples(self, step: int, params) -> None:
@@ -213,7 +258,8 @@ class Trainer:
                   step, "\n".join(lines))
         return flat
 
-    def _log_metrics(self, step: int, interval: list, seconds: float, flops: float) -> dict:
+    def _log_metrics(self, step: int, interval: list, seconds: float, flops: float,
+                     counts: dict) -> dict:
         fetched = jax.device_get(interval)
         last = fetched[-1]
         out = {k: float(last[k]) for k in ("loss", "loss_lm", "loss_diffusion", "loss_text",
@@ -225,6 +271,7 @@ class Trainer:
                    mfu=mfu.mfu(flops / len(fetched), seconds / len(fetched),
                                jax.device_count(), self.peak_flops),
                    skipped_total=int(last["nonfinite_total"]))
+        out.update(_summed_over_processes(counts))
         self.writer.write(step, out)
         if self.primary:
             _log.info(console_line(step, self.config.train.steps, out))
@@ -233,62 +280,115 @@ class Trainer:
     # --- the loop ---
 
     def run(self) -> TrainResult:
+        lock = WorkdirLock(self.workdir).acquire() if self.primary else None
+        preemption = _Preemption(float(self.config.train.get("preemption_timeout_s", 0)),
+                                 self._describe_checkpoints)
+        try:
+            with preemption:
+                return self._run(preemption)
+        finally:
+            if lock is not None:
+                lock.release()
+            preemption.finished()
+
+    def _describe_checkpoints(self) -> str:
+        steps = self.checkpointer.all_steps()
+        return (f"newest checkpoint: step {max(steps)} in {self.checkpointer.directory}" if steps
+                else f"no checkpoint in {self.checkpointer.directory}")
+
+    def _run(self, preemption: _Preemption) -> TrainResult:
         cfg = self.config.train
+        if self.checkpointer.all_steps():
+            # Before config.json is overwritten and before anything compiles.
+            check_resume_config(self.workdir, self.config)
         if self.primary:
             write_config(self.workdir, self.config)
         data_iterator = self._iterator(self.train_iterator_fn)
+        preemption.waiting_on = "the checkpoint restore"
         state = self.restore_or_init(data_iterator)
         step = int(jax.device_get(state["step"]))
         self.writer = MetricsWriter(self.workdir, enabled=self.primary, resume_step=step)
         _log.info("mesh %s, %d processes, start at step %d of %d",
                   sharding.describe(self.mesh), jax.process_count(), step, cfg.steps)
+        feed = BatchFeed(data_iterator, prepare=lambda local: (
+            distributed.global_batch(local, self.mesh, self.table),
+            _step_flops(self.config.model, local)))
+        # Waiting for data can be cut short by SIGTERM only in a single-process run:
+        # with several, a process that skipped its step would leave the others inside
+        # the step's collectives (the deadline covers that case).
+        interruptible = jax.process_count() == 1
         # The first logged interval includes compilation time.
-        interval, flops, last = [], 0.0, {}
+        interval, flops_sum, last = [], 0.0, {}
         tick, stopped, previous = time.perf_counter(), "done", None
-        with _Preemption() as preemption:
+        try:
             while step < cfg.steps:
                 if distributed.any_process(preemption.requested):
-                    self.save(step, state, data_iterator)
+                    preemption.waiting_on = "the preemption checkpoint"
+                    self.save(step, state, feed.state)
                     stopped = "preempted"
                     break
-                local = next(data_iterator)
-                flops += _step_flops(self.config.model, local)
-                batch = distributed.global_batch(local, self.mesh, self.table)
+                preemption.waiting_on = "the input pipeline (next training batch)"
+                prepared = feed.next(lambda: interruptible and preemption.requested)
+                if prepared is None:
+                    continue  # SIGTERM while waiting: the check above saves and stops
+                batch, batch_flops = prepared
+                preemption.waiting_on = f"train step {step + 1}"
                 state, metrics = self.step_fn(state, batch)
                 step += 1
+                flops_sum += batch_flops
                 interval.append(metrics)
                 # The previous step's counter: reading it does not wait for this step.
                 if previous is not None:
                     self._check_nonfinite(step - 1, previous)
                 previous = metrics
                 if step % cfg.log_every == 0 or step == cfg.steps:
+                    self.checkpointer.check_for_errors()  # a failed background save stops here
                     jax.block_until_ready(metrics)
                     now = time.perf_counter()
-                    last = self._log_metrics(step, interval, now - tick, flops)
-                    interval, flops, tick = [], 0.0, now
+                    last = self._log_metrics(step, interval, now - tick, flops_sum,
+                                             feed.data_counts)
+                    interval, flops_sum, tick = [], 0.0, now
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    preemption.waiting_on = f"the held-out evaluation at step {step}"
                     ev = self.evaluate(state)
                     self.writer.write(step, ev, prefix="eval")
                     if self.primary:
                         _log.info(console_line(step, cfg.steps, ev, prefix="eval"))
                 if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    preemption.waiting_on = f"the sample grid at step {step}"
                     self.write_samples(step, state.get("ema_params", state["params"]))
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     # While updates are being skipped, keep the last good checkpoint.
                     self._check_nonfinite(step, metrics)
                     if int(jax.device_get(metrics["nonfinite_run"])) == 0:
-                        self.save(step, state, data_iterator)
+                        preemption.waiting_on = f"the checkpoint of step {step}"
+                        self.save(step, state, feed.state)
             if stopped == "done" and previous is not None:
                 self._check_nonfinite(step, previous)
-        if stopped == "done" and cfg.get("final_eval_suite", ""):
-            last["final_eval"] = self.final_evaluation(step, state)
-        self.checkpointer.close()
-        self.writer.close()
-        close = getattr(data_iterator, "close", None)
-        if close:
-            close()
+            counts = _summed_over_processes(feed.data_counts)
+            if stopped == "done" and cfg.get("final_eval_suite", ""):
+                preemption.waiting_on = "the final evaluation"
+                last["final_eval"] = self.final_evaluation(step, state)
+            preemption.waiting_on = "the last checkpoint write"
+            self.checkpointer.close()
+        finally:
+            if not feed.close():
+                _log.warning("the input pipeline did not stop within 5 s; left running")
+            self.writer.close()
+            self._close_checkpointer_quietly()
+        if self.primary and counts:
+            _log.info("data at step %d: %s", step, data_summary(counts))
+        last["data"] = counts
         self.state = state
         return TrainResult(step=step, stopped=stopped, last_metrics=last)
+
+    def _close_checkpointer_quietly(self) -> None:
+        """On the way out of a failed run, let an in-flight save finish; its own error
+        (if any) is logged, not raised over the one that stopped the run."""
+        try:
+            self.checkpointer.close()
+        except Exception as e:
+            _log.error("%s", e)
 
     def _check_nonfinite(self, step: int, metrics: dict) -> None:
         run = int(jax.device_get(metrics["nonfinite_run"]))

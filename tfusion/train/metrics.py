@@ -16,6 +16,30 @@ CONSOLE_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_
                 "step_s", "skipped_total", "perplexity", "denoise_skill_mean",
                 "image_caption_gap", "caption_image_gap")
 
+# Cumulative data counters from the input pipeline (tfusion/train/feed.py):
+# data_records_read, data_skipped_<reason>, data_repaired_<reason>.
+DATA_PREFIX = "data_"
+
+
+def _by_reason(counts: dict, kind: str) -> dict:
+    prefix = f"{DATA_PREFIX}{kind}_"
+    return {k[len(prefix):]: int(v) for k, v in counts.items() if k.startswith(prefix) and v}
+
+
+def data_summary(counts: dict) -> str:
+    """"records read 1,200; skipped 360 (corrupt_image 350, empty_caption 10); repaired
+    12 (grayscale_to_rgb 12)": the part of a console line a user scans for lost data."""
+    parts = [f"records read {int(counts.get(DATA_PREFIX + 'records_read', 0)):,}"]
+    for kind in ("skipped", "repaired"):
+        reasons = _by_reason(counts, kind)
+        if reasons:
+            detail = ", ".join(f"{r} {n:,}" for r, n in sorted(reasons.items(),
+                                                                key=lambda kv: -kv[1]))
+            parts.append(f"{kind} {sum(reasons.values()):,} ({detail})")
+        else:
+            parts.append(f"{kind} 0")
+    return "; ".join(parts)
+
 
 def _format(key: str, value) -> str:
     if isinstance(value, float):
@@ -31,7 +55,10 @@ def _format(key: str, value) -> str:
 
 def console_line(step: int, total: int, metrics: dict, prefix: str = "train") -> str:
     parts = [_format(k, metrics[k]) for k in CONSOLE_KEYS if k in metrics]
-    return f"[{prefix} {step}/{total}] " + " ".join(parts)
+    line = f"[{prefix} {step}/{total}] " + " ".join(parts)
+    if any(k.startswith(DATA_PREFIX) for k in metrics):
+        line += " | data: " + data_summary(metrics)
+    return line
 
 
 def _drop_rows_after(path: str, step: int) -> None:

@@ -32,6 +32,8 @@ def validate_train_config(config) -> None:
                                                     "the discrete baseline lacks: use 'text'")
     if not 0.0 <= t.get("ema_decay", 0.0) < 1.0:
         raise ConfigError("train.ema_decay", f"{t.ema_decay} outside [0, 1) (0 = off)")
+    if t.get("preemption_timeout_s", 0) < 0:
+        raise ConfigError("train.preemption_timeout_s", "must be >= 0 (0 = no deadline)")
     if t.peak_flops_per_device < 0:
         raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
 
