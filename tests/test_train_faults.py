@@ -83,7 +83,7 @@ def _largest_array_file(workdir, step):
     return max(files, key=os.path.getsize)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", pytest.param("delete", marks=pytest.mark.slow)])
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path, damage,
                                                                      caplog):
     workdir = _copy(reference, tmp_path)

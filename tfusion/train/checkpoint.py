@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 
 import jax
@@ -71,9 +72,9 @@ class Checkpointer:
         complete = [s for s in self._manager.all_steps() if s != step]
         newest = f"step {max(complete)}" if complete else "none"
         return CheckpointSaveError(
-            f"could not write checkpoint step {step} to {self.directory} "
-            f"({type(cause).__name__}: {short_error(cause)}); disk full or directory not "
-            f"writable? Newest complete checkpoint: {newest} (intact)")
+            f"could not write checkpoint step {step} to {self.directory}: "
+            f"{_os_reason(cause)} ({type(cause).__name__}: {short_error(cause)}). Newest "
+            f"complete checkpoint: {newest} (intact)")
 
     def check_for_errors(self) -> None:
         """Raises CheckpointSaveError if a background save has failed."""
@@ -151,6 +152,19 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write, wherever orbax/tensorstore put
+    them in the exception chain ("File too large", "No space left on device")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        found = re.search(r"([A-Z][\w ]+) \[os_error_code='?(\d+)", str(error))
+        if found:
+            return found.group(1)
+        error = error.__cause__ or error.__context__
+    return "disk full or directory not writable?"
 
 
 def short_error(error: Exception, limit: int = 320) -> str:
