@@ -208,8 +208,33 @@ class _Loop:
         self._feed(tokens, self._block(r.cond_only(live), 1), live)
         r.pos[:r.b] += live
 
-    def image_phase(self, progress):
+    def _denoise(self, x, counters, block: Block, bar):
+        """All K sampling steps of one image phase, in chunks of options.steps_per_call
+        compiled steps (one program per chunk); the progress bar moves per chunk.
+        Returns the clean x; self.cache ends holding the last step's image columns."""
         r, e, o = self.rows, self.engine, self.options
+        k = self.schedule.num_steps
+        per_call = o.steps_per_call or (max(1, -(-k // 10)) if bar is not None else k)
+        step_options = dict(sampler=o.sampler, guided=r.guided, prediction=e.process.prediction,
+                            process=e.process.process, clip=o.clip_denoised)
+        common = (self.keys[:r.b], counters, block, self.schedule,
+                  jnp.float32(o.cfg_scale or 1.0))
+        first = k - 1
+        while first >= 0:
+            count = min(per_call, first + 1)
+            if per_call == 1:
+                x, self.cache = e.diffusion_step(self.cache, x, jnp.int32(first), *common,
+                                                 **step_options)
+            else:
+                x, self.cache = e.diffusion_steps(self.cache, x, jnp.int32(first),
+                                                  jnp.int32(count), *common, **step_options)
+            first -= count
+            if bar is not None:
+                bar.update(count)
+        return x
+
+    def image_phase(self, progress):
+        r, e = self.rows, self.engine
         live = r.needs_image & ~r.done
         if self.index + self.image_cost + 1 > self.max_len:  # no room: stop these rows
             r.done |= live
@@ -228,14 +253,7 @@ class _Loop:
         counters = jnp.asarray(r.images[:r.b])
         x = e.initial_noise(self.keys[:r.b], counters, e.latent_shape)
         bar = progress(self.schedule.num_steps) if progress else None
-        for i in reversed(range(self.schedule.num_steps)):
-            x, self.cache = e.diffusion_step(
-                self.cache, x, jnp.int32(i), self.keys[:r.b], counters, block, self.schedule,
-                jnp.float32(o.cfg_scale or 1.0), sampler=o.sampler, guided=r.guided,
-                prediction=e.process.prediction, process=e.process.process,
-                clip=o.clip_denoised)
-            if bar is not None:
-                bar.update(1)
+        x = self._denoise(x, counters, block, bar)
         if bar is not None:
             bar.close()
         clean = jnp.concatenate([x, x]) if r.guided else x

@@ -19,12 +19,18 @@ class GenerationOptions:
     # Clip predicted x0 to [-c, c]; 1.0 suits pixel latents in [-1, 1], None for VAEs.
     clip_denoised: float | None = None
     max_len: int | None = None  # cache length; None = enough for the worst case
+    # Diffusion steps per compiled call (steps.diffusion_steps, a lax.fori_loop):
+    # 0 = all of an image's steps in one program (with a progress callback: 10 chunks,
+    # one progress update each); 1 = one jitted call per step, the reference path.
+    steps_per_call: int = 0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {self.sampler!r}; choose from {SAMPLERS}")
         if self.max_new_tokens < 0 or self.max_images < 0 or self.steps <= 0:
             raise ValueError("max_new_tokens, max_images must be >= 0 and steps > 0")
+        if self.steps_per_call < 0:
+            raise ValueError(f"steps_per_call must be >= 0, got {self.steps_per_call}")
 
     @classmethod
     def from_config(cls, config, **overrides) -> "GenerationOptions":

@@ -139,6 +139,23 @@ def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Blo
     return jax.lax.cond(i > 0, corrected, lambda cache: (x_prev, cache), cache)
 
 
+def diffusion_steps(model, cache: KVCache, x, first, count, keys, image_counters,
+                    block: Block, schedule: samplers.Schedule, cfg_scale, **step_options):
+    """Sampling steps first, first - 1, ..., first - count + 1 as one program.
+
+    A `lax.fori_loop` over diffusion_step: one dispatch for the whole chunk instead of
+    one per step, with the cache carried (and updated in place) through the loop.
+    `first` and `count` are traced, so every chunk length reuses one compilation;
+    the caller reports progress between chunks. Returns (x, cache) like one step.
+    """
+    def body(j, carry):
+        x, cache = carry
+        return diffusion_step(model, cache, x, first - j, keys, image_counters, block,
+                              schedule, cfg_scale, **step_options)
+
+    return jax.lax.fori_loop(0, count, body, (x, cache))
+
+
 def commit_image(model, cache: KVCache, x0, block: Block):
     """Writes the finished image (t = 0, like a prompt image) into the cache; commits it."""
     t = jnp.zeros((x0.shape[0],), jnp.int32)
