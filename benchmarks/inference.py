@@ -89,12 +89,14 @@ def recompute_step_seconds(model, prefix: int, repeats: int) -> float:
     return timed(lambda: forward(state, batch, images, t), repeats)
 
 
-def image_seconds(engine) -> tuple[float, float, float]:
+def image_seconds(engine, steps_per_call: int = 0) -> tuple[float, float, float]:
     """Seconds for one 250-step CFG image after compilation, the same in process CPU
     seconds (both cores; a load-independent proxy on a shared machine), and the
-    first call's seconds including compilation."""
+    first call's seconds including compilation. steps_per_call 0: the K steps as one
+    compiled program (the default); 1: one jitted call per step."""
     prompt = [np.asarray([SPECIAL.bos] + list(range(10, 22)) + [SPECIAL.boi], np.int32)]
-    options = GenerationOptions(max_new_tokens=0, max_images=0, steps=250, cfg_scale=3.0)
+    options = GenerationOptions(max_new_tokens=0, max_images=0, steps=250, cfg_scale=3.0,
+                                steps_per_call=steps_per_call)
     start = time.perf_counter()
     generate(engine, [prompt], SPECIAL, options, seeds=[0])
     first = time.perf_counter() - start
@@ -115,11 +117,14 @@ def main():
     cached = [cached_step_seconds(engine, n, args.repeats) for n in PREFIX_LENGTHS]
     recompute = [recompute_step_seconds(model, n, args.repeats) for n in PREFIX_LENGTHS]
     image_s, image_cpu_s, first_s = image_seconds(engine)
+    step_by_step_s, step_by_step_cpu_s, _ = image_seconds(engine, steps_per_call=1)
     result = dict(
         shape="cpu-s", model=dict(width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
                                   vocab_size=cfg.vocab_size, patches_per_image=64, patch_dim=16),
         prefix_lengths=list(PREFIX_LENGTHS), step_s_cached=cached, step_s_recompute=recompute,
         image_s=image_s, image_cpu_s=image_cpu_s, image_s_first_call_with_compile=first_s,
+        image_s_step_by_step=step_by_step_s, image_cpu_s_step_by_step=step_by_step_cpu_s,
+        step_by_step_over_compiled=step_by_step_s / image_s,
         image_settings=dict(steps=250, cfg_scale=3.0, rows=2, sampler="ddpm"),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), jax=jax.__version__,

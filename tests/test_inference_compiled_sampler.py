@@ -13,9 +13,9 @@ from tfusion.inference.options import GenerationOptions
 PROMPTS = [[np.asarray([1, 9, 10, 11, 3])], [np.asarray([1, 12, 3])]]
 CASES = [("ddpm", "eps", "ddpm"), ("ddpm", "v", "ddim"), ("flow", "v", "euler"),
          ("flow", "v", "heun")]
-# The quick suite runs ancestral DDPM with CFG and Heun (two model calls per step, a
-# lax.cond inside the loop) without; `pytest -m slow` runs every pair.
-QUICK = {("ddpm", 3.0), ("heun", None)}
+# The quick suite runs ancestral DDPM with CFG; `pytest -m slow` runs every pair (Heun:
+# two model calls per step, a lax.cond inside the loop).
+QUICK = {("ddpm", 3.0)}
 MATRIX = [pytest.param(*case, scale, marks=() if (case[2], scale) in QUICK else pytest.mark.slow)
           for case in CASES for scale in (None, 3.0)]
 

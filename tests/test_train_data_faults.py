@@ -85,6 +85,7 @@ def test_launch_train_refuses_a_folder_whose_lines_name_no_image_key(tmp_path, t
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_launch_train_stops_early_when_no_image_is_usable(tmp_path, tok_dir):
     (tmp_path / "folder").mkdir()
     data_dir = write_folder(tmp_path / "folder", corrupt=frozenset(range(FOLDER_IMAGES)))

@@ -160,9 +160,9 @@ def _os_reason(error: BaseException) -> str:
     while error is not None:
         if isinstance(error, OSError) and error.strerror:
             return error.strerror
-        found = re.search(r"([A-Z][\w ]+) \[os_error_code='?(\d+)", str(error))
-        if found:
-            return found.group(1)
+        found = re.search(r"os_error_code='?(\d+)", str(error))
+        if found:  # tensorstore appends the errno to messages of many shapes
+            return os.strerror(int(found.group(1)))
         error = error.__cause__ or error.__context__
     return "disk full or directory not writable?"
 
