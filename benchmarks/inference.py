@@ -124,7 +124,7 @@ def main():
         prefix_lengths=list(PREFIX_LENGTHS), step_s_cached=cached, step_s_recompute=recompute,
         image_s=image_s, image_cpu_s=image_cpu_s, image_s_first_call_with_compile=first_s,
         image_s_step_by_step=step_by_step_s, image_cpu_s_step_by_step=step_by_step_cpu_s,
-        step_by_step_over_compiled=step_by_step_s / image_s,
+        image_s_ratio_step_by_step_over_compiled=step_by_step_s / image_s,
         image_settings=dict(steps=250, cfg_scale=3.0, rows=2, sampler="ddpm"),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), jax=jax.__version__,
