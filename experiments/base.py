@@ -45,6 +45,9 @@ def train_config() -> ml_collections.ConfigDict:
     # before the cluster's SIGKILL. Keep it under the grace period (SLURM KillWait,
     # Kubernetes and GCE preemption default to 30 s). 0 = no deadline.
     c.preemption_timeout_s = 25.0
+    # Multi-process runs agree on a SIGTERM seen by any process every this many steps
+    # (an allgather each time; single-process runs look at every step for free).
+    c.preemption_sync_every = 10
     c.eval_every = 0  # steps between held-out evaluations; 0 = never during training
     c.sample_every = 0  # steps between sample grids in workdir/samples/; 0 = never
     # Eval suite (tfusion/eval/suites.py: text, shapes, fid, all) run once when training

@@ -32,27 +32,3 @@ def make_discrete(c, codebook_size: int = CODEBOOK_SIZE, image_tokens: int = IMA
     c.data.max_images_per_row = 0  # M = 0: images travel as token ids
     c.data.encoder = "vq"  # VQ tokenizer (autoencoder issue) turns images into code ids
     return c
-
-
-def validate_image_representation(c) -> None:
-    """Raises ConfigError naming the field when the two representations are mixed up."""
-    m = c.model
-    kind = m.get("image_representation", "continuous")
-    if kind not in ("continuous", "discrete"):
-        raise ConfigError("model.image_representation",
-                          f"unknown {kind!r}; choose 'continuous' or 'discrete'")
-    if kind == "continuous":
-        if m.get("codebook_size", 0):
-            raise ConfigError("model.codebook_size", "only discrete images have a codebook")
-        return
-    if m.codebook_size <= 0 or m.image_tokens <= 0:
-        raise ConfigError("model.codebook_size", "discrete images need codebook_size and "
-                                                 "image_tokens > 0")
-    if m.vocab_size <= m.codebook_size:
-        raise ConfigError("model.vocab_size", f"{m.vocab_size} leaves no text ids before the "
-                                              f"{m.codebook_size}-entry codebook")
-    if c.data.max_images_per_row:
-        raise ConfigError("data.max_images_per_row", "discrete images use no image slots (0)")
-    if m.image_tokens + 2 > c.data.seq_len:
-        raise ConfigError("data.seq_len", f"{c.data.seq_len} cannot hold one "
-                                          f"{m.image_tokens}-token image with BOI/EOI")

@@ -16,6 +16,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from experiments import ablations, autoencoders, chameleon, micro, paper, shapes  # noqa: E402
+from tfusion.train.validate import validate_image_representation  # noqa: E402
 
 
 class Experiment(NamedTuple):
@@ -101,5 +102,5 @@ def get_config(name: str = "shapes_tiny"):
         raise KeyError(f"unknown experiment {name!r}; known: {sorted(EXPERIMENTS)}")
     config = EXPERIMENTS[name].build()
     config.description = EXPERIMENTS[name].description
-    chameleon.validate_image_representation(config)
+    validate_image_representation(config)
     return config

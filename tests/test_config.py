@@ -45,3 +45,18 @@ def test_bad_diffusion_field_is_named(overrides, field):
     c.update(overrides)
     with pytest.raises(ConfigError, match=f"^config.{field}:"):
         validate_diffusion_config(c)
+
+
+@pytest.mark.parametrize("value, field", [("discret", "model.image_representation"),
+                                          ("discrete", "model.codebook_size")])
+def test_image_representation_override_is_checked_by_the_trainer(value, field):
+    """An override applied after the registry built the config (as --config.X=Y is) is
+    still refused by the trainer's start-up validation, naming the field."""
+    from experiments.registry import get_config
+    from tfusion.train.validate import validate_config
+
+    config = get_config("shapes_tiny")
+    validate_config(config, num_devices=1, process_count=1, validate_data=False)
+    config.model.image_representation = value
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        validate_config(config, num_devices=1, process_count=1, validate_data=False)

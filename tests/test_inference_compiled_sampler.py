@@ -71,3 +71,17 @@ def test_progress_moves_once_per_chunk(model):
     _images(_engine(model, "ddpm", "eps"), "ddpm", 3.0, steps_per_call=3, progress=Bar)
     phase = [("total", 7), 3, 3, 1, "closed"]
     assert len(updates) % len(phase) == 0 and updates == phase * (len(updates) // len(phase))
+
+
+def test_an_engine_is_freed_after_use(model):
+    """Nothing global (a functools cache on a method) keeps a used engine, and with it
+    a device copy of the params, alive."""
+    import gc
+    import weakref
+
+    engine = _engine(model, "ddpm", "eps")
+    _images(engine, "ddpm", None, steps_per_call=0)  # fills its cache makers and schedules
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None

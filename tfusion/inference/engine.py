@@ -42,6 +42,7 @@ class Engine:
         self.state = jax.device_put(
             state, None if mesh is None else state_shardings(state, mesh, self.table))
         self.process = diffusion.NoiseProcess(diffusion_cfg)
+        self._cache_makers, self._schedules = {}, {}
         self.prefill = self._jit(steps.prefill)
         self.text_step = self._jit(steps.text_step, static=("top_k",))
         diffusion_static = ("sampler", "guided", "prediction", "process", "clip")
@@ -56,22 +57,24 @@ class Engine:
                               static, _Unhashed(self.graphdef))
         return functools.partial(_call_with_state, jitted, self)
 
-    @functools.lru_cache(maxsize=8)
-    def _cache_factory(self, rows: int, max_len: int):
-        cfg, mesh, table = self.cfg, self.mesh, self.table
-
-        def make():
-            with activation_sharding(mesh, table):
-                return cache_lib.init_cache(cfg, rows, max_len)
-
-        return jax.jit(make)
-
     def new_cache(self, rows: int, max_len: int) -> cache_lib.KVCache:
-        return self._cache_factory(rows, max_len)()
+        # Per-engine memos, not functools.lru_cache on methods: that cache is global
+        # and would keep up to maxsize engines (each holding its params) alive.
+        key = (rows, max_len)
+        if key not in self._cache_makers:
+            cfg, mesh, table = self.cfg, self.mesh, self.table
 
-    @functools.lru_cache(maxsize=8)
+            def make():
+                with activation_sharding(mesh, table):
+                    return cache_lib.init_cache(cfg, rows, max_len)
+
+            self._cache_makers[key] = jax.jit(make)
+        return self._cache_makers[key]()
+
     def schedule(self, num_steps: int) -> samplers.Schedule:
-        return samplers.schedule_for(self.process, num_steps)
+        if num_steps not in self._schedules:
+            self._schedules[num_steps] = samplers.schedule_for(self.process, num_steps)
+        return self._schedules[num_steps]
 
     def check_sampler(self, sampler: str) -> None:
         allowed = samplers.SAMPLERS_BY_PROCESS[self.process.process]

@@ -317,12 +317,15 @@ class Trainer:
         # with several, a process that skipped its step would leave the others inside
         # the step's collectives (the deadline covers that case).
         interruptible = jax.process_count() == 1
+        # Agreeing on a SIGTERM across processes is an allgather: every step only
+        # when it is free (one process), else every preemption_sync_every steps.
+        sync_every = 1 if interruptible else int(cfg.get("preemption_sync_every", 10))
         # The first logged interval includes compilation time.
         interval, flops_sum, last = [], 0.0, {}
         tick, stopped, previous = time.perf_counter(), "done", None
         try:
             while step < cfg.steps:
-                if distributed.any_process(preemption.requested):
+                if step % sync_every == 0 and distributed.any_process(preemption.requested):
                     preemption.waiting_on = "the preemption checkpoint"
                     self.save(step, state, feed.state)
                     stopped = "preempted"

@@ -34,8 +34,37 @@ def validate_train_config(config) -> None:
         raise ConfigError("train.ema_decay", f"{t.ema_decay} outside [0, 1) (0 = off)")
     if t.get("preemption_timeout_s", 0) < 0:
         raise ConfigError("train.preemption_timeout_s", "must be >= 0 (0 = no deadline)")
+    if t.get("preemption_sync_every", 1) < 1:
+        raise ConfigError("train.preemption_sync_every", "must be >= 1 (steps)")
     if t.peak_flops_per_device < 0:
         raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
+
+
+def validate_image_representation(c) -> None:
+    """Raises ConfigError naming the field when the two representations are mixed up.
+
+    Part of validate_config, so it sees command-line overrides: a typo in
+    --config.model.image_representation must not silently train the continuous model."""
+    m = c.model
+    kind = m.get("image_representation", "continuous")
+    if kind not in ("continuous", "discrete"):
+        raise ConfigError("model.image_representation",
+                          f"unknown {kind!r}; choose 'continuous' or 'discrete'")
+    if kind == "continuous":
+        if m.get("codebook_size", 0):
+            raise ConfigError("model.codebook_size", "only discrete images have a codebook")
+        return
+    if m.codebook_size <= 0 or m.image_tokens <= 0:
+        raise ConfigError("model.codebook_size", "discrete images need codebook_size and "
+                                                 "image_tokens > 0")
+    if m.vocab_size <= m.codebook_size:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} leaves no text ids before the "
+                                              f"{m.codebook_size}-entry codebook")
+    if c.data.max_images_per_row:
+        raise ConfigError("data.max_images_per_row", "discrete images use no image slots (0)")
+    if m.image_tokens + 2 > c.data.seq_len:
+        raise ConfigError("data.seq_len", f"{c.data.seq_len} cannot hold one "
+                                          f"{m.image_tokens}-token image with BOI/EOI")
 
 
 def validate_optimizer_config(o) -> None:
@@ -81,6 +110,7 @@ def validate_config(config, num_devices: int | None = None, process_count: int |
                     validate_data: bool = True) -> None:
     """Everything the run needs, checked before any compilation or data loading."""
     validate_model_config(config.model)
+    validate_image_representation(config)
     validate_diffusion_config(config.diffusion)
     if validate_data:
         from data_pipelines.config import validate_data_config
