@@ -33,6 +33,7 @@ from flax import nnx
 
 from tfusion import diffusion, losses
 from tfusion.config import image_token_offset
+from tfusion.train.params import stream_keys
 
 # Bucket centres as fractions of the time axis: detail (low t) to layout (high t).
 DEFAULT_FRACTIONS = tuple((i + 0.5) / 10 for i in range(10))
@@ -168,7 +169,7 @@ class HeldoutEvaluator:
 
     def evaluate(self, params, batches: Iterable[dict], seed: int = 0, progress=None) -> dict:
         """Metrics over all batches (see finish()); progress wraps the iterable (tqdm)."""
-        key = jax.random.key(seed)
+        key = stream_keys(seed)["eval"]  # the trainer's held-out noise for the same seed
         total = None
         iterable = progress(batches) if progress else batches
         for i, batch in enumerate(iterable):

@@ -27,13 +27,12 @@ from tfusion.train import distributed, mfu, optimizer, state as state_lib, step 
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
 from tfusion.train.feed import BatchFeed, data_counts
 from tfusion.train.metrics import MetricsWriter, console_line, data_summary, write_config
-from tfusion.train.params import abstract_model
+from tfusion.train.params import abstract_model, stream_keys
 from tfusion.train.validate import validate_config
 from tfusion.train.workdir import WorkdirLock, check_resume_config
 
 _log = logging.getLogger("tfusion.train")
 
-EVAL_RNG_SALT = 2  # eval noise stream: fold_in(key(seed), 2); params use 0, train noise 1
 
 
 class NonFiniteError(RuntimeError):
@@ -193,7 +192,7 @@ class Trainer:
         perplexity, denoising skill by noise level and the cross-modal gaps
         (tfusion/eval/heldout.py)."""
         it = self._iterator(self.eval_iterator_fn)
-        key = jax.random.fold_in(jax.random.key(self.config.train.seed), EVAL_RNG_SALT)
+        key = stream_keys(self.config.train.seed)["eval"]
         sampling_params = state.get("ema_params", state["params"])
         total = diag = None
         for i, local in enumerate(it):

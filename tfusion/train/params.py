@@ -11,10 +11,30 @@ from tfusion import sharding
 from tfusion.model.transfusion import Transfusion
 
 
+RNG_STREAMS = ("params", "noise", "eval")
+
+
+def stream_keys(seed: int) -> dict[str, jax.Array]:
+    """The run's random streams, split once from key(seed) by name: parameter init,
+    training noise (step s draws from fold_in(noise, s)) and held-out evaluation noise.
+
+    Every consumer derives its keys from its own stream only. Deriving them from
+    key(seed) by small integers instead collides, because split(k, n)[j] equals
+    fold_in(k, j): nnx.Rngs(seed) split its key 1 over the layers, so layer j's
+    weights were drawn from the very key train step j drew its timesteps and noise
+    from (tests/test_train_rng.py).
+    """
+    keys = jax.random.split(jax.random.key(seed), len(RNG_STREAMS))
+    return dict(zip(RNG_STREAMS, keys))
+
+
+def _model(model_cfg, seed: int) -> Transfusion:
+    return Transfusion(model_cfg, rngs=nnx.Rngs(stream_keys(seed)["params"]))
+
+
 def abstract_model(model_cfg, seed: int = 0):
     """(graphdef, abstract params) with ShapeDtypeStructs: nothing is allocated."""
-    model = nnx.eval_shape(lambda: Transfusion(model_cfg, rngs=nnx.Rngs(seed)))
-    return nnx.split(model)
+    return nnx.split(nnx.eval_shape(lambda: _model(model_cfg, seed)))
 
 
 def count_params(abstract_params) -> int:
@@ -34,7 +54,7 @@ def init_params(model_cfg, mesh: Mesh | None, table, seed: int):
     graphdef, abstract = abstract_model(model_cfg, seed)
 
     def create():
-        return nnx.state(Transfusion(model_cfg, rngs=nnx.Rngs(seed)))
+        return nnx.state(_model(model_cfg, seed))
 
     if mesh is None:
         return graphdef, jax.jit(create)()

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tfusion import sharding
-from tfusion.train.params import abstract_model, init_params
+from tfusion.train.params import abstract_model, init_params, stream_keys
 
 SCALAR_KEYS = ("step", "nonfinite_run", "nonfinite_total")
 
@@ -32,8 +32,8 @@ def to_pure(tree):
 
 
 def base_key(seed: int) -> jax.Array:
-    # Params use nnx.Rngs(seed); a distinct stream keeps noise independent of init.
-    return jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+    """uint32 key data of the run's training-noise stream (stored in the state)."""
+    return jax.random.key_data(stream_keys(seed)["noise"])
 
 
 def step_key(state_rng: jax.Array, step: jax.Array) -> jax.Array:
