@@ -7,7 +7,7 @@ registers here later with its own latent shape and scaling; the pipeline only ne
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -18,6 +18,9 @@ class Encoder:
     latent_shape: Callable[[int], tuple[int, int, int]]
     # float32 [px, px, 3] in [-1, 1] -> float32 latent of latent_shape(px)
     encode: Callable[[np.ndarray], np.ndarray]
+    # latent of latent_shape(px) -> float32 [px, px, 3] (what sampled images go
+    # through); None: none exists (precomputed latents), so no image metrics
+    decode: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
 
 ENCODERS: dict[str, Encoder] = {}
@@ -59,4 +62,5 @@ def get(name: str) -> Encoder:
 register("identity", Encoder(
     latent_shape=lambda px: (px, px, 3),
     encode=lambda image: np.asarray(image, np.float32),
+    decode=lambda latent: np.asarray(latent, np.float32),
 ))

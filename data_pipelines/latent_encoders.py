@@ -13,8 +13,10 @@ import numpy as np
 from data_pipelines.encoders import Encoder
 
 
-class _LazyEncode:
-    """image [px, px, 3] -> latent; `method` of the model at `path` (jitted, batch 1)."""
+class _LazyMethod:
+    """One array -> `method` of the model at `path` (jitted, batch 1): an image
+    [px, px, 3] -> its latent (encode, encode_ids) or back (decode, decode_ids).
+    VQ ids are [h, w, 1] on our side, [h, w] on the model's."""
 
     def __init__(self, path: str, method: str):
         self.path, self.method, self._fn = path, method, None
@@ -22,12 +24,14 @@ class _LazyEncode:
     def __getstate__(self):
         return {"path": self.path, "method": self.method, "_fn": None}
 
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         if self._fn is None:
             from tfusion.autoencoders import diffusers_weights, jit_method
 
             self._fn = jit_method(diffusers_weights.load_pretrained(self.path), self.method)
-        out = np.asarray(self._fn(np.asarray(image, np.float32)[None]))[0]
+        x = np.asarray(x)
+        x = np.rint(x[..., 0]).astype(np.int32) if self.method == "decode_ids" else x.astype(np.float32)
+        out = np.asarray(self._fn(x[None]))[0]
         return out[..., None] if out.ndim == 2 else out  # VQ ids [h, w] -> [h, w, 1]
 
 
@@ -39,7 +43,8 @@ def _architecture(path: str):
 
 def _vae(path: str) -> Encoder:
     cfg = _architecture(path)
-    return Encoder(latent_shape=cfg.latent_shape, encode=_LazyEncode(path, "encode"))
+    return Encoder(latent_shape=cfg.latent_shape, encode=_LazyMethod(path, "encode"),
+                   decode=_LazyMethod(path, "decode"))
 
 
 def _vq(path: str) -> Encoder:
@@ -49,7 +54,8 @@ def _vq(path: str) -> Encoder:
         h, w, _ = cfg.latent_shape(px)
         return h, w, 1
 
-    return Encoder(latent_shape=latent_shape, encode=_LazyEncode(path, "encode_ids"))
+    return Encoder(latent_shape=latent_shape, encode=_LazyMethod(path, "encode_ids"),
+                   decode=_LazyMethod(path, "decode_ids"))
 
 
 def _refuse_encode(image):

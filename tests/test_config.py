@@ -60,3 +60,18 @@ def test_image_representation_override_is_checked_by_the_trainer(value, field):
     config.model.image_representation = value
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         validate_config(config, num_devices=1, process_count=1, validate_data=False)
+
+
+@pytest.mark.parametrize("family", ["transfusion", "chameleon"])
+def test_image_outputs_are_refused_only_without_a_decoder(family):
+    """Both families may sample grids and run image suites; precomputed latents have
+    no decoder to make pixels, so a run asking for them fails at start-up."""
+    from experiments.micro import micro_config
+    from tfusion.train.validate import validate_train_config
+
+    config = micro_config(family, "w64")
+    config.train.update(sample_every=100, final_eval_suite="shapes")
+    validate_train_config(config)
+    config.data.encoder = "precomputed"
+    with pytest.raises(ConfigError, match=r"train\.sample_every"):
+        validate_train_config(config)

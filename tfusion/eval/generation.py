@@ -30,13 +30,14 @@ class SamplingSettings:
 
 
 def latents_to_pixels(latents: np.ndarray, config) -> np.ndarray:
-    """Generated latents -> pixels in [-1, 1] (the identity encoder's latents are pixels)."""
+    """Generated latents [N, H, W, C] (the discrete baseline: VQ codes [N, h, w, 1])
+    -> pixels in [-1, 1] through the data encoder's decoder."""
     encoder = _encoder(config)
-    decode = getattr(encoder, "decode", None)
-    if config.data.encoder != "identity" and decode is None:
-        raise NotImplementedError(f"encoder {config.data.encoder!r} has no decode(); image "
+    if encoder.decode is None:
+        raise NotImplementedError(f"encoder {config.data.encoder!r} has no decoder; image "
                                   "metrics need pixels")
-    pixels = latents if decode is None else np.stack([decode(x) for x in latents])
+    grid = encoder.latent_shape(config.data.image_size)
+    pixels = np.stack([encoder.decode(np.reshape(x, grid)) for x in latents])
     return np.clip(np.asarray(pixels, np.float32), -1.0, 1.0)
 
 

@@ -9,13 +9,14 @@ training; without one everything runs on the default device.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from tfusion import diffusion
-from tfusion.config import ConfigError, derived, is_discrete
+from tfusion.config import ConfigError, derived, image_token_offset, is_discrete
 from tfusion.inference import cache as cache_lib
 from tfusion.inference import samplers, steps
 from tfusion.sharding import activation_sharding, rule_table, state_shardings
@@ -23,16 +24,19 @@ from tfusion.sharding import activation_sharding, rule_table, state_shardings
 
 class Engine:
     def __init__(self, model, diffusion_cfg, mesh=None, rules=None):
-        if is_discrete(model.cfg):
-            raise ConfigError("model.image_representation",
-                              "the engine generates Transfusion images by diffusion; sampling "
-                              "VQ codes of the discrete (Chameleon) baseline is not built yet "
-                              "(its held-out text suite works: launch.evaluate --suite=text)")
         self.cfg = model.cfg
+        # The discrete (Chameleon) baseline samples an image as image_tokens VQ codes,
+        # token ids from code_offset on; Transfusion denoises patches of latents.
+        self.code_offset = image_token_offset(self.cfg)
+        self.discrete = is_discrete(self.cfg)
         self.diffusion_cfg = diffusion_cfg
         self.patches_per_image = derived(self.cfg)["patches_per_image"]
         self.latent_shape = (self.cfg.latent_height, self.cfg.latent_width,
                              self.cfg.latent_channels)
+        if self.discrete:  # codes come out as [h, w, 1]: square when image_tokens is
+            side = math.isqrt(self.cfg.image_tokens)
+            self.code_grid = ((side, side, 1) if side * side == self.cfg.image_tokens
+                              else (1, self.cfg.image_tokens, 1))
         self.mesh, self.table = mesh, rule_table(rules)
         self.graphdef, state = nnx.split(model)
         # Same class + config = same graph structure; configs are not hashable.
@@ -49,6 +53,7 @@ class Engine:
         self.diffusion_step = self._jit(steps.diffusion_step, static=diffusion_static)
         self.diffusion_steps = self._jit(steps.diffusion_steps, static=diffusion_static)
         self.commit_image = self._jit(steps.commit_image)
+        self.code_step = self._jit(steps.code_step, static=("top_k", "guided", "codebook_size"))
         self.predict = self._jit(steps.predict)
         self.initial_noise = jax.jit(steps.initial_noise, static_argnums=(2,))
 
@@ -56,6 +61,11 @@ class Engine:
         jitted = _jitted_step(fn, self._structure, self.mesh, tuple(self.table.items()),
                               static, _Unhashed(self.graphdef))
         return functools.partial(_call_with_state, jitted, self)
+
+    @property
+    def image_columns(self) -> int:
+        """Cache columns one image takes: its patches, or its VQ codes."""
+        return self.cfg.image_tokens if self.discrete else self.patches_per_image
 
     def new_cache(self, rows: int, max_len: int) -> cache_lib.KVCache:
         # Per-engine memos, not functools.lru_cache on methods: that cache is global

@@ -4,14 +4,17 @@ Rows move in lockstep over one shared cache index, each in its own state:
   text:  feed the row's last token, sample the next (BOI -> image, EOS -> done);
   image: denoise P noise patches against the cached prefix for `steps` steps
          (any prediction and process: inference/samplers.py),
-         write the clean image (t = 0) into the cache, then feed EOI.
+         write the clean image (t = 0) into the cache, then feed EOI;
+         the discrete (Chameleon) baseline instead samples its image_tokens VQ codes
+         one by one, restricted to the codebook's ids, then feeds EOI.
 Whenever some row needs an image, all rows pause for one image phase (rows not
 in it write dummy columns), so every jitted call has static shapes.
 
 With CFG (options.cfg_scale not None) every row r has a twin r + B: the
 unconditional stream. It writes nothing during text; at each image it starts a
 fresh document `BOS BOI` (what caption dropout trains on) and denoises the same
-x; the guided epsilon drives both.
+x; the guided epsilon drives both (the discrete baseline: the guided logits pick
+each code, fed to both).
 """
 from __future__ import annotations
 
@@ -24,14 +27,15 @@ import numpy as np
 from tfusion.batch import ImageSegment
 from tfusion.inference.engine import Engine
 from tfusion.inference.options import GenerationOptions, SpecialTokens
-from tfusion.inference.prompts import as_document, layout_prompts
+from tfusion.inference.prompts import as_document, codes_as_tokens, layout_prompts
 from tfusion.inference.steps import Block
 
 
 @dataclasses.dataclass
 class Generation:
-    """What one row produced after its prompt: token arrays and latents [H, W, C], in
-    sequence order, e.g. [array([.., BOI]), latent, array([EOI, .., EOS])]."""
+    """What one row produced after its prompt: token arrays and latents [H, W, C] (the
+    discrete baseline: int32 VQ codes [h, w, 1]), in sequence order, e.g.
+    [array([.., BOI]), latent, array([EOI, .., EOS])]."""
 
     segments: list
 
@@ -108,7 +112,9 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
             else d for d in docs]
     if len(seeds) != len(docs):
         raise ValueError(f"{len(seeds)} seeds for {len(docs)} prompts")
-    b, p = len(docs), engine.patches_per_image
+    if engine.discrete:
+        docs = [codes_as_tokens(d, engine.code_offset) for d in docs]
+    b, p = len(docs), engine.image_columns
     ends_boi = np.asarray([int(d[-1][-1]) == special.boi for d in docs])
     guided = options.cfg_scale is not None and (options.max_images > 0 or ends_boi.any())
     lay = layout_prompts(docs, engine.latent_shape, engine.cfg.patch_size, special.pad)
@@ -139,7 +145,8 @@ class _Loop:
         self.cache = engine.new_cache(self.n, max_len)
         self.index = 0  # host copy of cache.index
         self.schedule = engine.schedule(options.steps)
-        self.image_cost = (2 if rows.guided else 0) + engine.patches_per_image
+        self.image_cost = (2 if rows.guided else 0) + engine.image_columns
+        self.logits = None  # [R, V] at each row's last column, from the last text feed
 
     def _block(self, live: np.ndarray, width: int, slot: int = -1) -> Block:
         r = self.rows
@@ -160,7 +167,7 @@ class _Loop:
     def _feed(self, tokens, block: Block, live: np.ndarray, image_index=None, images=None):
         """Writes a block of tokens, samples every live row's next token."""
         o, r = self.options, self.rows
-        nxt, _, self.cache = self.engine.text_step(
+        nxt, self.logits, self.cache = self.engine.text_step(
             self.cache, jnp.asarray(tokens), block, self.keys, jnp.asarray(r.draws),
             self._banned(tokens.shape[1]), o.temperature, o.top_p, image_index, images, top_k=o.top_k)
         self.index += tokens.shape[1]
@@ -246,9 +253,24 @@ class _Loop:
             r.pos[uncond] = 0
             tokens = np.full((self.n, 2), self.special.pad, np.int32)
             tokens[uncond] = (self.special.bos, self.special.boi)
-            _, self.cache = e.prefill(self.cache, jnp.asarray(tokens), self._block(uncond, 2))
+            twin_logits, self.cache = e.prefill(self.cache, jnp.asarray(tokens),
+                                                self._block(uncond, 2))
+            self.logits = jnp.where(jnp.asarray(uncond)[:, None], twin_logits, self.logits)
             r.pos[uncond] = 2
             self.index += 2
+        x = self._code_image(both) if e.discrete else self._denoised_image(both, progress)
+        for i in np.flatnonzero(live):
+            r.flush_text(i)
+            r.out[i].append(x[i])
+            r.needs_image[i] = False
+            r.sampled[i] = self.special.eoi  # fed next; EOI is appended, not sampled
+            r.text[i].append(self.special.eoi)
+        r.images[both] += 1
+
+    def _denoised_image(self, both: np.ndarray, progress) -> np.ndarray:
+        """Transfusion: K diffusion steps of P patches, then the clean image is written
+        into the cache. Returns latents [B, H, W, C]."""
+        r, e = self.rows, self.engine
         block = self._block(both, e.patches_per_image, slot=self.index)
         counters = jnp.asarray(r.images[:r.b])
         x = e.initial_noise(self.keys[:r.b], counters, e.latent_shape)
@@ -260,11 +282,22 @@ class _Loop:
         self.cache = e.commit_image(self.cache, clean, block)
         self.index += e.patches_per_image
         r.pos += np.where(both, e.patches_per_image, 0).astype(np.int32)
-        x = np.asarray(x)
-        for i in np.flatnonzero(live):
-            r.flush_text(i)
-            r.out[i].append(x[i])
-            r.needs_image[i] = False
-            r.sampled[i] = self.special.eoi  # fed next; EOI is appended, not sampled
-            r.text[i].append(self.special.eoi)
-        r.images[both] += 1
+        return np.asarray(x)
+
+    def _code_image(self, both: np.ndarray) -> np.ndarray:
+        """The discrete baseline: image_tokens VQ codes, each sampled from the (guided)
+        logits and fed to the row and its twin. Returns int32 codes [B, h, w, 1]."""
+        r, e, o = self.rows, self.engine, self.options
+        tokens = e.cfg.image_tokens
+        first_draw = r.images[:r.b] * tokens  # draw numbers of this image's codes
+        codes = []
+        for k in range(tokens):
+            code, self.logits, self.cache = e.code_step(
+                self.cache, self.logits, self.keys[:r.b], jnp.asarray(first_draw + k),
+                self._block(both, 1), jnp.int32(e.code_offset), jnp.float32(o.cfg_scale or 1.0),
+                o.image_temperature, o.top_p, top_k=o.image_top_k, guided=r.guided,
+                codebook_size=e.cfg.codebook_size)
+            codes.append(code)
+            self.index += 1
+            r.pos += both.astype(np.int32)
+        return np.stack([np.asarray(c) for c in codes], axis=1).reshape((r.b,) + e.code_grid)

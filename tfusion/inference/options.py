@@ -23,6 +23,10 @@ class GenerationOptions:
     # 0 = all of an image's steps in one program (with a progress callback: 10 chunks,
     # one progress update each); 1 = one jitted call per step, the reference path.
     steps_per_call: int = 0
+    # The discrete (Chameleon) baseline samples an image's VQ codes with these
+    # (text keeps temperature / top_k above): greedy codes collapse to flat images.
+    image_temperature: float = 1.0
+    image_top_k: int = 0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:

@@ -27,6 +27,13 @@ def as_document(prompt) -> list:
     return out
 
 
+def codes_as_tokens(doc: list, code_offset: int) -> list:
+    """The discrete baseline's prompt: each image (VQ codes [h, w, 1]) becomes its
+    code token ids, code_offset + code, in raster order (as the data pipeline writes)."""
+    return [np.rint(s.latent).astype(np.int32).reshape(-1) + code_offset
+            if isinstance(s, ImageSegment) else s for s in doc]
+
+
 def image_ids(image_index: np.ndarray, columns: np.ndarray, patches_per_image: int) -> np.ndarray:
     """Image id (cache column of the image's first patch) at patches, -1 elsewhere."""
     first = columns - image_index % patches_per_image

@@ -72,6 +72,32 @@ def text_step(model, cache: KVCache, tokens, block: Block, keys, counters, banne
     return next_tokens, logits, cache
 
 
+def code_step(model, cache: KVCache, logits, keys, counters, block: Block, offset,
+              cfg_scale, temperature, top_p, *, top_k: int, guided: bool, codebook_size: int):
+    """One VQ code of the discrete baseline's image: sample, then feed it.
+
+    logits float32 [R, V] at each row's last column; with `guided`, rows are
+    [conditional B; unconditional B] and the code is drawn from the guided logits
+    c + (s - 1)(c - u) (exactly c at s = 1), restricted to the codebook's ids
+    [offset, offset + codebook_size). Draw number `counters` [B] of each row's image
+    stream. The code is written for the conditional row and its twin (block:
+    segment 0 = dummy). Returns (codes int32 [B] in [0, codebook_size), the logits
+    after feeding them, cache committed).
+    """
+    b = keys.shape[0]
+    if guided:
+        cond = logits[:b]
+        logits = cond + (cfg_scale - 1.0) * (cond - logits[b:])
+    ids = jnp.arange(logits.shape[-1])
+    outside = (ids < offset) | (ids >= offset + codebook_size)
+    tokens = sample_tokens(logits, row_keys(keys, IMAGE_STREAM, counters),
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           banned=jnp.broadcast_to(outside, logits.shape))
+    fed = jnp.concatenate([tokens, tokens]) if guided else tokens
+    next_logits, cache = prefill(model, cache, fed[:, None], block)
+    return tokens - offset, next_logits, cache
+
+
 def image_block(model, cache: KVCache, x_t, t, block: Block):
     """Runs P patches of latents x_t [R, H, W, C] at steps t [R] against the cache.
 

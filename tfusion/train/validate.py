@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 
 from tfusion import sharding
-from tfusion.config import (ConfigError, is_discrete, validate_diffusion_config,
+from tfusion.config import (ConfigError, validate_diffusion_config,
                             validate_model_config)
 
 
@@ -20,16 +20,16 @@ def validate_train_config(config) -> None:
     if t.batch_size % t.grad_accum_steps:
         raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
                                                     f"batch_size={t.batch_size}")
-    if t.sample_every and is_discrete(config.model):
-        raise ConfigError("train.sample_every", "sample grids need image generation, which the "
-                                                "discrete (Chameleon) baseline lacks: set 0")
     suite = t.get("final_eval_suite", "")
     if suite and suite not in ("text", "shapes", "fid", "digits", "all"):
         raise ConfigError("train.final_eval_suite", f"unknown {suite!r}; choose from "
                                                     "('', 'text', 'shapes', 'fid', 'digits', 'all')")
-    if suite in ("shapes", "fid", "digits", "all") and is_discrete(config.model):
-        raise ConfigError("train.final_eval_suite", "image suites need image generation, which "
-                                                    "the discrete baseline lacks: use 'text'")
+    needs_pixels = t.sample_every or suite in ("shapes", "fid", "digits", "all")
+    if needs_pixels and config.get("data") and config.data.get("encoder") == "precomputed":
+        field = "train.sample_every" if t.sample_every else "train.final_eval_suite"
+        raise ConfigError(field, "sampled images are decoded to pixels by data.encoder, and "
+                                 "precomputed latents have no decoder: set 0 / 'text', or "
+                                 "train from images with data.encoder vae or vq")
     if not 0.0 <= t.get("ema_decay", 0.0) < 1.0:
         raise ConfigError("train.ema_decay", f"{t.ema_decay} outside [0, 1) (0 = off)")
     if t.get("preemption_timeout_s", 0) < 0:
