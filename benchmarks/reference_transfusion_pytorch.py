@@ -1,9 +1,9 @@
 """Training throughput of lucidrains' transfusion-pytorch at a benchmark shape.
 
-Run by benchmarks/train_throughput.py as a subprocess in the reference venv (torch
+Run by benchmarks/train_throughput.py as a subprocess of the reference interpreter (torch
 and jax never share a process); prints one JSON object on its last stdout line:
 
-    /work/venv-ref/bin/python benchmarks/reference_transfusion_pytorch.py --shape cpu-s
+    python benchmarks/reference_transfusion_pytorch.py --shape cpu-s   # after pip install -e .[reference]
 
 Per step: model(samples) (its loss: LM + flow matching), backward, grad-norm clip
 1.0, AdamW(3e-4, betas .9/.95, wd .1) -- the same optimizer work as tfusion's step.

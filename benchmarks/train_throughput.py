@@ -39,8 +39,10 @@ import workloads  # noqa: E402
 GLIBC_TUNABLES = "glibc.malloc.trim_threshold=17179869184:glibc.malloc.mmap_max=0"
 # Fake host devices split the 2 cores between 8 XLA devices (~7% slower); tests set it.
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
-# A separate venv with `pip install -e .[reference]` (torch + transfusion-pytorch).
-REFERENCE_PYTHON = os.environ.get("TFUSION_REFERENCE_PYTHON", "/work/venv-ref/bin/python")
+# The interpreter that runs the reference: this one by default (`pip install -e
+# .[reference]` adds torch + transfusion-pytorch), or another venv's python through
+# TFUSION_REFERENCE_PYTHON / --reference-python.
+REFERENCE_PYTHON = os.environ.get("TFUSION_REFERENCE_PYTHON", sys.executable)
 DEFAULT_OUT = os.path.join(_HERE, "results", "train_throughput.json")
 
 
@@ -213,6 +215,10 @@ def run_reference(shape_name: str, scenarios: list[str], warmup: int, steps: int
            "--steps", str(steps), "--seed", str(seed)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env=benchmark_env(os.environ), cwd=_ROOT)
+    if proc.returncode and "No module named" in proc.stderr:
+        raise RuntimeError(f"the reference needs torch and transfusion-pytorch in {python}: "
+                           "pip install -e '.[reference]' there, pass --reference-python, "
+                           f"or --no-reference\n{proc.stderr[-1000:]}")
     if proc.returncode:
         raise RuntimeError(f"reference failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
