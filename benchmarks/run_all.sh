@@ -8,13 +8,13 @@
 # is reported and the others still run; the exit status is non-zero if any failed.
 set -u
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-/work/venv/bin/python}"
+PYTHON="${PYTHON:-$(command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Benchmarks never use the tests' 8 fake devices (they split the cores, ~7% slower).
 unset XLA_FLAGS
 
 failed=()
-for name in data_pipeline inference block_sparsity autoencoders train_throughput step_breakdown; do
+for name in data_pipeline inference block_sparsity autoencoders train_throughput step_breakdown train_loop; do
     script="benchmarks/$name.py"
     [ -f "$script" ] || { echo "== $name: not present, skipped"; continue; }
     echo "== $name  (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
