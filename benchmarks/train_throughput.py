@@ -207,6 +207,13 @@ def run_scenario(name: str, shape: workloads.Shape, warmup: int, steps: int, see
         final_loss=loss, peak_flops=peak)
 
 
+def reference_available(python: str) -> bool:
+    """Whether `python` can import the reference (torch and transfusion-pytorch)."""
+    probe = subprocess.run([python, "-c", "import torch, transfusion_pytorch"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
 def run_reference(shape_name: str, scenarios: list[str], warmup: int, steps: int, seed: int,
                   python: str) -> dict:
     """The reference in its own venv and process; its last stdout line is JSON."""

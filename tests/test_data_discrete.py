@@ -142,16 +142,3 @@ def test_micro_chameleon_trains_on_its_data_with_split_text_and_image_losses(con
     lo, hi = sorted((final_eval["loss_text"], final_eval["loss_image_tokens"]))
     assert lo - 1e-6 <= final_eval["loss_lm"] <= hi + 1e-6
     assert final_eval["loss_diffusion"] == 0.0
-
-
-def test_image_generation_refuses_the_discrete_baseline_naming_the_field(config):
-    from tfusion.inference.engine import Engine
-    from tfusion.model.transfusion import Transfusion
-    from tfusion.train.validate import validate_train_config
-
-    model = Transfusion(config.model, rngs=nnx.Rngs(0))
-    with pytest.raises(ConfigError, match="model.image_representation"):
-        Engine(model, config.diffusion)
-    config.train.sample_every = 100
-    with pytest.raises(ConfigError, match="train.sample_every"):
-        validate_train_config(config)

@@ -8,7 +8,7 @@ from tfusion.objective import Objective
 from tfusion.train.params import init_params
 
 
-@pytest.mark.parametrize("modality_layer", ["linear", "unet"])
+@pytest.mark.parametrize("modality_layer", ["linear", pytest.param("unet", marks=pytest.mark.slow)])
 def test_overfits_one_batch(modality_layer):
     config = tiny_config(width=64, num_heads=4, depth=2, modality_layer=modality_layer,
                          unet_channels=(32, 32))

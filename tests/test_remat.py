@@ -20,7 +20,8 @@ def loss_and_grads(remat_policy):
     return fn(params)
 
 
-@pytest.mark.parametrize("policy", [p for p in REMAT_POLICIES if p != "none"])
+@pytest.mark.parametrize("policy", [p if p == "full" else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in REMAT_POLICIES if p != "none"])
 def test_remat_policy_matches_no_remat(policy):
     loss, grads = loss_and_grads("none")
     r_loss, r_grads = loss_and_grads(policy)

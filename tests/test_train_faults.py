@@ -208,6 +208,7 @@ def _logged_steps(workdir) -> set:
         return set()
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_pipeline_stalls_saves_and_resumes_exactly(reference, tmp_path):
     stalled, release = threading.Event(), threading.Event()
 

@@ -64,6 +64,7 @@ def test_sharded_run_matches_single_device_and_restores_into_other_mesh(
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_logs_heldout_loss(tmp_path):
     _trainer(tmp_path, devices=jax.devices()[:1], steps=2, eval_every=1).run()
     evals = read_losses(str(tmp_path), split="eval")
@@ -99,6 +100,7 @@ def test_saving_a_step_twice_is_a_no_op(tmp_path):
     assert Checkpointer(str(tmp_path), keep=2).all_steps() == [3]
 
 
+@pytest.mark.slow
 def test_ema_run_resumes_exactly_and_loading_uses_the_ema_by_default(tmp_path):
     """An EMA run resumed from step 4 ends with the same params and EMA, bit for bit, as
     the uninterrupted run; load_model (launch.generate / launch.evaluate) takes the EMA

@@ -37,7 +37,8 @@ def _leaves(tree):
 ONE = dict(data=1, fsdp=1, tensor=1)
 
 
-@pytest.mark.parametrize("mesh_cfg", [ONE, dict(data=2, fsdp=2, tensor=2)],
+@pytest.mark.parametrize("mesh_cfg", [pytest.param(ONE, marks=pytest.mark.slow),
+                                      dict(data=2, fsdp=2, tensor=2)],
                          ids=["1device", "data2xfsdp2xtensor2"])
 def test_grad_accumulation_equals_full_batch(mesh_cfg):
     devices = jax.devices()[:1] if mesh_cfg == ONE else None
