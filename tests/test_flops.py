@@ -10,7 +10,7 @@ from tfusion.objective import Objective
 from tfusion.train.params import init_params
 
 
-@pytest.mark.parametrize("modality_layer", ["linear", "unet"])
+@pytest.mark.parametrize("modality_layer", ["linear", pytest.param("unet", marks=pytest.mark.slow)])
 def test_executed_flops_match_xla_cost_analysis(modality_layer):
     """Counting what the dense path executes must agree with XLA's count of the
     training step (fwd + bwd), within what elementwise ops explain. Layers are

@@ -28,7 +28,7 @@ def _two_doc_batch(cfg, rng):
     return assemble_rows([[doc1, doc2]], spec, cfg.pad_id), spec
 
 
-@pytest.mark.parametrize("modality_layer", ["linear", "unet"])
+@pytest.mark.parametrize("modality_layer", ["linear", pytest.param("unet", marks=pytest.mark.slow)])
 def test_text_causality(modality_layer):
     cfg = tiny_model_config(modality_layer=modality_layer, unet_channels=(32, 32))
     model = Transfusion(cfg, rngs=nnx.Rngs(0))

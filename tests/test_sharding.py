@@ -10,8 +10,9 @@ from tfusion.batch import BATCH_NDIMS
 from tfusion.train.grad import make_loss_and_grad
 from tfusion.train.params import init_params
 
-MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
-          dict(data=2, fsdp=2, tensor=2)]
+# Pure data parallelism (data8) runs in the slow suite; fsdp and tensor sharding here.
+MESHES = [pytest.param(dict(data=8, fsdp=1, tensor=1), marks=pytest.mark.slow),
+          dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)]
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def param_count(cfg) -> int:
     return total
 
 
-@pytest.mark.parametrize("k, blocks", [(1, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("k, blocks", [(1, 1), pytest.param(2, 2, marks=pytest.mark.slow), (4, 1)])
 def test_shapes(k, blocks):
     cfg = tiny_cfg(patch_size=k, height=8, width_px=16, unet_blocks_per_level=blocks)
     d = derived(cfg)
