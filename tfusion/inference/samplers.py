@@ -146,5 +146,6 @@ def heun_correction(x_t, velocity, velocity_at_euler, schedule: Schedule, i):
 
 
 def guide(pred_cond, pred_uncond, scale):
-    """Classifier-free guidance: u + s (c - u), on the model output."""
-    return pred_uncond + scale * (pred_cond - pred_uncond)
+    """Classifier-free guidance u + s (c - u), on the model output (or on logits),
+    written as c + (s - 1)(c - u) so that s = 1 returns c exactly, bit for bit."""
+    return pred_cond + (scale - 1.0) * (pred_cond - pred_uncond)

@@ -78,7 +78,7 @@ def code_step(model, cache: KVCache, logits, keys, counters, block: Block, offse
 
     logits float32 [R, V] at each row's last column; with `guided`, rows are
     [conditional B; unconditional B] and the code is drawn from the guided logits
-    c + (s - 1)(c - u) (exactly c at s = 1), restricted to the codebook's ids
+    (samplers.guide: exactly c at s = 1), restricted to the codebook's ids
     [offset, offset + codebook_size). Draw number `counters` [B] of each row's image
     stream. The code is written for the conditional row and its twin (block:
     segment 0 = dummy). Returns (codes int32 [B] in [0, codebook_size), the logits
@@ -86,8 +86,7 @@ def code_step(model, cache: KVCache, logits, keys, counters, block: Block, offse
     """
     b = keys.shape[0]
     if guided:
-        cond = logits[:b]
-        logits = cond + (cfg_scale - 1.0) * (cond - logits[b:])
+        logits = samplers.guide(logits[:b], logits[b:], cfg_scale)
     ids = jnp.arange(logits.shape[-1])
     outside = (ids < offset) | (ids >= offset + codebook_size)
     tokens = sample_tokens(logits, row_keys(keys, IMAGE_STREAM, counters),
