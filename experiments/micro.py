@@ -49,3 +49,29 @@ def micro_config(family: str, size: str):
     if family == "chameleon":
         chameleon.make_discrete(c, MICRO_CODEBOOK, MICRO_IMAGE_TOKENS)
     return c
+
+
+# --- The micro reproduction (issue 14): both families sample images ---------------------
+# Same four backbones, shapes_tiny's tiny-scale recipe (v-prediction, EMA, patch 4, one
+# shape per scene) plus logit-normal timesteps: in the 1200-step recipe ablation
+# (docs/diffusion.md) it was the one option that made the samples follow their prompts
+# within ~1000 steps, which a 16-run sweep on 2 cores can afford. At patch 4 a 16 px image
+# is 16 patches, and the baseline's VQ turns it into 4 x 4 = 16 codes: both families
+# spend the same 16 positions per image, so equal steps are equal tokens.
+REPRO_STEPS = 1000
+REPRO_ABLATION_SIZE = "w128"
+
+
+def reproduction_config(family: str, size: str):
+    depth, width, heads = MICRO_SIZES[size]
+    c = shapes.shapes_tiny()
+    c.name = f"repro_{family}_{size}"
+    c.model.update(depth=depth, width=width, num_heads=heads, mlp_hidden=mlp_hidden(width))
+    c.diffusion.timestep_sampling = "logit_normal"
+    # "all" = held-out text perplexity, the shapes suite (generation, captioning, CIDEr)
+    # and FID with the shapes feature net, on the EMA params, once at the end.
+    c.train.update(steps=REPRO_STEPS, log_every=50, checkpoint_every=500,
+                   eval_every=REPRO_STEPS, sample_every=0, final_eval_suite="all")
+    if family == "chameleon":
+        chameleon.make_discrete(c, MICRO_CODEBOOK, MICRO_IMAGE_TOKENS)
+    return c

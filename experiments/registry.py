@@ -75,6 +75,10 @@ def _micro_entries() -> dict[str, Experiment]:
                 lambda f=family, s=size: micro.micro_config(f, s),
                 f"CPU micro {family} on shapes: {depth} layers x width {width}, "
                 f"{micro.MICRO_STEPS} steps")
+            out[f"repro_{family}_{size}"] = Experiment(
+                lambda f=family, s=size: micro.reproduction_config(f, s),
+                f"CPU micro reproduction {family} on shapes: {depth} layers x width "
+                f"{width}, {micro.REPRO_STEPS} steps, scored by the `all` suite")
     return out
 
 

@@ -124,6 +124,47 @@ def diffusion_ablation() -> list[Run]:
             for name, (overrides, _) in DIFFUSION_ABLATIONS.items()]
 
 
+# The micro reproduction of the paper's findings (issue 14, docs/reproduction.md): the
+# scaling comparison at four sizes, a second seed of both families at the ablation size,
+# and the paper's ablations flipped one at a time on Transfusion at that size.
+# patch_*: patch 1 makes an image 256 patches, which a 256-token row cannot hold, so the
+# three patch runs use rows of 512 x 4 (the same 2048 tokens per step as 256 x 8).
+_LONG_ROWS = {"data.seq_len": 512, "train.batch_size": 4}
+REPRO_ABLATIONS = {
+    "causal": ({"model.image_attention": "causal"},
+               "causal attention inside an image (paper: bidirectional)"),
+    "no_noise_limit": ({"diffusion.noise_limit_t": ablations.NOISE_OFF_T},
+                       "image-first pairs noised up to t = T-1 (paper: t <= 500)"),
+    "unet": ({"model.modality_layer": "unet", "model.unet_channels": (32, 64, 128)},
+             "U-Net modality layers, 32/64/128 channels (paper: linear at this table)"),
+    "patch1": ({**_LONG_ROWS, "model.patch_size": 1, "data.max_images_per_row": 2},
+               "patch 1 (256 patches per image), rows of 512"),
+    "patch2": ({**_LONG_ROWS, "model.patch_size": 2, "data.max_images_per_row": 8},
+               "patch 2 (64 patches per image), rows of 512"),
+    "patch4": ({**_LONG_ROWS, "model.patch_size": 4, "data.max_images_per_row": 16},
+               "patch 4 (16 patches per image), rows of 512"),
+}
+REPRO_SEEDS = (1,)  # extra seeds of the ablation size, both families
+
+
+def micro_reproduction() -> list[Run]:
+    vq_weights = {"data.encoder_path": f"{SWEEP_DIR}/{MICRO_TOKENIZER_RUN}/{WEIGHTS_DIR}"}
+    tokenizer = Run(MICRO_TOKENIZER_RUN, "vq_shapes_micro", {}, "tokenizer", "train_autoencoder")
+
+    def family_overrides(family: str) -> dict:
+        return vq_weights if family == "chameleon" else {}
+
+    size = micro.REPRO_ABLATION_SIZE
+    scaling = [Run(f"{family}_{s}", f"repro_{family}_{s}", family_overrides(family), family)
+               for family in micro.FAMILIES for s in micro.MICRO_SIZES]
+    ablation = [Run(f"ablation_{name}", f"repro_transfusion_{size}", overrides,
+                    f"ablation_{name}") for name, (overrides, _) in REPRO_ABLATIONS.items()]
+    seeds = [Run(f"{family}_{size}_seed{seed}", f"repro_{family}_{size}",
+                 {**family_overrides(family), "train.seed": seed}, f"{family}_seed{seed}")
+             for seed in REPRO_SEEDS for family in micro.FAMILIES]
+    return [tokenizer] + scaling + ablation + seeds
+
+
 SWEEPS: dict[str, Sweep] = {
     "paper_scaling": Sweep(paper_scaling, "Transfusion vs Chameleon, 5 sizes, 0.5T tokens each"),
     "paper_token_budgets": Sweep(paper_token_budgets,
@@ -136,6 +177,9 @@ SWEEPS: dict[str, Sweep] = {
     "cpu_smoke": Sweep(cpu_smoke, "CPU: 2 micro Transfusion runs x 6 steps (pipeline check)"),
     "diffusion_ablation": Sweep(diffusion_ablation, "CPU: shapes_tiny with each diffusion "
                                 "option flipped (docs/diffusion.md)", report="diffusion"),
+    "micro_reproduction": Sweep(micro_reproduction, "CPU: the paper's findings at micro "
+                                "scale, both families x 4 sizes + ablations + a second "
+                                "seed (docs/reproduction.md)", report="reproduction"),
 }
 
 
