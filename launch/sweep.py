@@ -108,6 +108,18 @@ def diffusion_report(workdir: str) -> None:
     _log.info("report in %s", out)
 
 
+def reproduction_report(workdir: str) -> None:
+    from tfusion.scaling import collect, reproduction
+
+    step_batches = data_batches(_FLOPS_BATCHES.value) if _FLOPS_BATCHES.value else None
+    points = collect.collect_sweep(workdir, step_batches)
+    out = os.path.join(workdir, "report")
+    reproduction.write(points, out, _COMPUTE.value)
+    with open(os.path.join(out, "reproduction.md")) as f:
+        print(f.read())
+    _log.info("report in %s", out)
+
+
 def report(workdir: str) -> None:
     from tfusion.scaling import collect, report as report_lib
 
@@ -136,8 +148,11 @@ def main(argv) -> None:
         return
     if not _REPORT_ONLY.value:
         run_all(runs, _WORKDIR.value)
-    if sweeps.SWEEPS[_SWEEP.value].report == "diffusion":
+    kind = sweeps.SWEEPS[_SWEEP.value].report
+    if kind == "diffusion":
         diffusion_report(_WORKDIR.value)
+    elif kind == "reproduction":
+        reproduction_report(_WORKDIR.value)
     else:
         report(_WORKDIR.value)
 

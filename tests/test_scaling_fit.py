@@ -51,6 +51,21 @@ def test_parity_ratio_on_synthetic_pair():
     assert parity_ratio(law_a2, law_b, c_b) == pytest.approx(want, rel=1e-9)
 
 
+def test_rising_law_fits_and_parity_for_higher_is_better_scores():
+    # A score that grows with compute (CIDEr): A reaches any score with k times less
+    # compute than B. The fit recovers a negative exponent; parity is still 1/k.
+    k = 20.0
+    law_b = PowerLaw(a=0.5, b=-0.1)
+    values_b = law_b.predict(COMPUTE)
+    assert np.all(np.diff(values_b) > 0)
+    fitted_b = fit_power_law(COMPUTE, values_b)
+    assert fitted_b.b == pytest.approx(-0.1, rel=1e-9)
+    fitted_a = fit_power_law(COMPUTE, law_b.predict(k * COMPUTE))
+    assert parity_ratio(fitted_a, fitted_b, 1e21) == pytest.approx(1 / k, rel=1e-6)
+    # A flat law never reaches another value.
+    assert PowerLaw(a=1.0, b=0.0).compute_for(2.0) == float("inf")
+
+
 def test_parity_table_uses_b_largest_compute_and_shared_metrics():
     fits = {("tf", "loss"): dict(law=PowerLaw(10.0, 0.2), max_compute=1e20),
             ("ch", "loss"): dict(law=PowerLaw(20.0, 0.2), max_compute=1e21),

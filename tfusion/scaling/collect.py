@@ -41,6 +41,17 @@ def last_step(rows: Iterable[dict]) -> int:
     return max((int(r["step"]) for r in rows if r.get("split", "train") == "train"), default=0)
 
 
+def train_seconds(rows: Iterable[dict]) -> float:
+    """Seconds spent in train steps: each logged interval's mean step time times its
+    steps (compilation, evaluations and checkpoints left out)."""
+    total, previous = 0.0, 0
+    for row in rows:
+        if row.get("split", "train") == "train" and "step_s" in row:
+            total += float(row["step_s"]) * (int(row["step"]) - previous)
+            previous = int(row["step"])
+    return total
+
+
 def is_finished(workdir: str, steps: int) -> bool:
     """The run logged its last train step (the trainer always logs the final step)."""
     return last_step(read_rows(workdir)) >= steps
@@ -95,6 +106,9 @@ def collect_run(workdir: str, step_batches: Optional[Callable] = None) -> Option
     metrics = {f"train/{k}": v for k, v in last_values(rows, "train").items()}
     metrics.update({f"eval/{k}": v for k, v in last_values(rows, "eval").items()})
     metrics.update(read_eval_files(workdir))
+    # The end-of-run evaluation suite (train.final_eval_suite), flat: final/shapes/cider, ...
+    final = last_values(rows, "final_eval")
+    metrics.update({f"final/{k}": v for k, v in final.items()})
     exact = None
     if step_batches is not None:
         exact = steps * compute.measured_step_flops(config.model, step_batches(config))
@@ -102,6 +116,7 @@ def collect_run(workdir: str, step_batches: Optional[Callable] = None) -> Option
                 experiment=sweep.get("experiment", config.get("name", "")),
                 family=sweep.get("family") or default_family(config),
                 params=n, steps=steps, tokens=d, flops_6nd=6.0 * n * d, flops_exact=exact,
+                train_seconds=train_seconds(rows), final_eval_seconds=final.get("seconds"),
                 metrics=metrics)
 
 

@@ -22,8 +22,10 @@ class PowerLaw:
         return self.a * np.power(np.asarray(compute, np.float64), -self.b) + self.c
 
     def compute_for(self, value: float) -> float:
-        """C at which the law reaches `value` (inf if value <= the irreducible term)."""
-        if value <= self.c or self.b <= 0:
+        """C at which the law reaches `value`: inf if a falling law (b > 0) never gets down
+        to it (value <= c) or the law is flat. A rising law (b < 0, a higher-is-better
+        score such as CIDEr, fitted without c) is inverted the same way."""
+        if self.b == 0 or value <= self.c or (self.b < 0 and self.c):
             return float("inf")
         return float((self.a / (value - self.c)) ** (1.0 / self.b))
 

@@ -23,8 +23,9 @@ CROSS_FAMILY_METRICS = ("eval/loss_text",)
 
 
 def comparable_across_families(metric: str) -> bool:
-    """eval/loss_text, and evaluation files (eval_<name>/...: perplexity, FID, CIDEr)."""
-    return metric in CROSS_FAMILY_METRICS or metric.startswith("eval_")
+    """eval/loss_text, evaluation files (eval_<name>/...: perplexity, FID, CIDEr) and
+    the end-of-run suite's scores (final/...)."""
+    return metric in CROSS_FAMILY_METRICS or metric.startswith(("eval_", "final/"))
 
 
 def metrics_of(points: list[dict]) -> list[str]:
@@ -56,8 +57,7 @@ def _fmt(x) -> str:
 
 
 def markdown_table(points: list[dict], fits: dict, parity_rows: list[dict],
-                   compute_key: str) -> str:
-    metric_names = metrics_of(points)
+                   compute_key: str, metric_names: list[str]) -> str:
     lines = ["## Runs", "", "| run | family | params | tokens | 6ND FLOPs | exact FLOPs | "
              + " | ".join(metric_names) + " |"]
     lines.append("|" + "---|" * (6 + len(metric_names)))
@@ -81,9 +81,11 @@ def markdown_table(points: list[dict], fits: dict, parity_rows: list[dict],
 
 
 def write_report(points: list[dict], out_dir: str, compute_key: str = "flops_6nd",
-                 irreducible: bool = False, families=("transfusion", "chameleon")) -> dict:
+                 irreducible: bool = False, families=("transfusion", "chameleon"),
+                 metrics: list[str] | None = None) -> dict:
+    """metrics: the ones to fit and plot (default: metrics_of(points))."""
     os.makedirs(out_dir, exist_ok=True)
-    metrics = metrics_of(points)
+    metrics = metrics or metrics_of(points)
     fits = fit_all(points, metrics, compute_key, irreducible)
     comparable = {k: v for k, v in fits.items() if comparable_across_families(k[1])}
     parity_rows = parity.parity_table(comparable, *families) if len(families) == 2 else []
@@ -98,7 +100,7 @@ def write_report(points: list[dict], out_dir: str, compute_key: str = "flops_6nd
     with open(os.path.join(out_dir, "fits.json"), "w") as f:
         json.dump(dict(compute=compute_key, fits=fits_json, parity=parity_rows), f, indent=1)
     with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(markdown_table(points, fits, parity_rows, compute_key))
+        f.write(markdown_table(points, fits, parity_rows, compute_key, metrics))
     for metric in metrics:
         plots.plot_metric(points, fits, metric, compute_key,
                           os.path.join(out_dir, metric.replace("/", "_") + ".png"))
