@@ -164,7 +164,7 @@ def _validate_folder(data_dir: str) -> None:
 def _validate_against_model(config: ml_collections.ConfigDict) -> None:
     """Checks that need the encoder, the tokenizer or the model config."""
     # Late imports: these modules import this one for their field names.
-    from data_pipelines import encoders, tokenizer
+    from data_pipelines import encoders, tokenizer  # noqa: F401  (modules, not the package)
 
     d, model = config.data, config.model
     code_offset = image_token_offset(model)  # None unless images are VQ code tokens
@@ -172,9 +172,7 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
         if d.encoder not in encoders.names():
             _fail("encoder", f"unknown {d.encoder!r}; choose from {encoders.names()}")
         if d.encoder in encoders.PATH_ENCODERS:
-            from data_pipelines.latent_encoders import check_path
-
-            problem = check_path(d.encoder, d.encoder_path)
+            problem = encoders.check_path(d.encoder, d.encoder_path)
             if problem:
                 _fail("encoder_path", problem)
         try:

@@ -1,66 +1,52 @@
-"""Latent encoders by name: image in [-1, 1] (H, W, 3) -> clean latent the model sees.
+"""data.encoder by name: how an image record becomes the latent a row carries.
 
-`identity` uses pixels as latents (latent H, W, C = px, px, 3) for tiny runs. A VAE
-registers here later with its own latent shape and scaling; the pipeline only needs
-`latent_shape` (validated against the model config) and `encode`.
+identity / vae / vq are the library's image codecs (tfusion/autoencoders/image_codec.py:
+encode for training, decode for sampling). `precomputed` is the data side's own: the
+latents were encoded offline (launch/encode_latents.py) and come with their records, so
+nothing is encoded here and there is no decoder.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Optional
+import os
 
-import numpy as np
+from tfusion.autoencoders.image_codec import CODECS, WEIGHT_CODECS, ImageCodec, image_codec
 
-
-@dataclasses.dataclass(frozen=True)
-class Encoder:
-    # image_size -> (H, W, C) of the latent
-    latent_shape: Callable[[int], tuple[int, int, int]]
-    # float32 [px, px, 3] in [-1, 1] -> float32 latent of latent_shape(px)
-    encode: Callable[[np.ndarray], np.ndarray]
-    # latent of latent_shape(px) -> float32 [px, px, 3] (what sampled images go
-    # through); None: none exists (precomputed latents), so no image metrics
-    decode: Optional[Callable[[np.ndarray], np.ndarray]] = None
-
-
-ENCODERS: dict[str, Encoder] = {}
-
-
-def register(name: str, encoder: Encoder) -> None:
-    ENCODERS[name] = encoder
-
-
-def latent_shape(name: str, image_size: int) -> tuple[int, int, int]:
-    return tuple(ENCODERS[name].latent_shape(image_size))
-
-
-# Encoders that need data.encoder_path (VAE/VQ weights or a latents directory),
-# built by data_pipelines/latent_encoders.py; imported lazily so identity users never
-# import the autoencoder models.
-PATH_ENCODERS = ("vae", "vq", "precomputed")
+# Encoders that need data.encoder_path (weights, or a latents directory).
+PATH_ENCODERS = WEIGHT_CODECS + ("precomputed",)
 
 
 def names() -> tuple[str, ...]:
-    return (*ENCODERS, *PATH_ENCODERS)
+    return CODECS + ("precomputed",)
 
 
-def resolve(name: str, path: str = "") -> Encoder:
+def _refuse_encode(image):
+    raise RuntimeError("precomputed latents come with their records; nothing is encoded")
+
+
+def _precomputed(path: str) -> ImageCodec:
+    from data_pipelines.latents_source import read_metadata
+
+    meta = read_metadata(path)
+
+    def latent_shape(px):
+        if px != meta["image_size"]:
+            raise ValueError(f"latents in {path} were encoded at {meta['image_size']} px, "
+                             f"not {px}")
+        return tuple(meta["latent_shape"])
+
+    return ImageCodec(latent_shape=latent_shape, encode=_refuse_encode)
+
+
+def resolve(name: str, path: str = "") -> ImageCodec:
     """The encoder of data.encoder / data.encoder_path."""
-    if name in PATH_ENCODERS:
-        from data_pipelines import latent_encoders
-
-        return latent_encoders.build(name, path)
-    return get(name)
+    return _precomputed(path) if name == "precomputed" else image_codec(name, path)
 
 
-def get(name: str) -> Encoder:
-    if name not in ENCODERS:
-        raise KeyError(f"unknown encoder {name!r}; registered: {sorted(ENCODERS)}")
-    return ENCODERS[name]
-
-
-register("identity", Encoder(
-    latent_shape=lambda px: (px, px, 3),
-    encode=lambda image: np.asarray(image, np.float32),
-    decode=lambda latent: np.asarray(latent, np.float32),
-))
+def check_path(name: str, path: str) -> str:
+    """'' if `path` suits encoder `name`, else what is wrong (for ConfigError)."""
+    if not path:
+        return f"encoder {name!r} needs encoder_path"
+    wanted = "metadata.json" if name == "precomputed" else "config.json"
+    if not os.path.exists(os.path.join(path, wanted)):
+        return f"{path!r} has no {wanted}"
+    return ""

@@ -50,7 +50,7 @@ def main(argv) -> None:
     logging.getLogger("tfusion").setLevel(logging.INFO)
     from tfusion.config import ConfigError
     from tfusion.eval.checkpoints import RunNotFoundError, load_config, load_model
-    from tfusion.eval.generation import SamplingSettings
+    from tfusion.inference.model_sampler import SamplingSettings
     from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
 
     cfg_scale = -1.0 if _CFG_SCALE.value is None else (_CFG_SCALE.value or None)

@@ -52,7 +52,7 @@ def build_prompt(tokenizer, config, text: str, image_path: str | None) -> list:
     from data_pipelines import encoders
     from data_pipelines.images import prepare_image
     from data_pipelines.records import BadRecord
-    from tfusion.inference.samples import text_to_image_prompt
+    from tfusion.inference.model_sampler import text_to_image_prompt
 
     if image_path is None:
         return text_to_image_prompt(tokenizer, text)
@@ -73,8 +73,8 @@ def write_outputs(out_dir: str, first: int, generations, tokenizer, config) -> l
     """PNG per image and the interleaved text per sample; returns the text files."""
     from PIL import Image
 
-    from tfusion.eval.generation import latents_to_pixels
-    from tfusion.eval.grid import to_uint8
+    from tfusion.inference.model_sampler import latents_to_pixels
+    from tfusion.inference.model_sampler import to_uint8
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -107,7 +107,7 @@ def main(argv) -> None:
     from tfusion.inference.engine import Engine
     from tfusion.inference.generate import generate
     from tfusion.inference.options import GenerationOptions, SpecialTokens
-    from tfusion.inference.samples import clip_for
+    from tfusion.inference.model_sampler import clip_for
 
     try:
         model, config, step = load_model(_WORKDIR.value, _STEP.value, params=_PARAMS.value)

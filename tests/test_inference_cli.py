@@ -47,7 +47,7 @@ def test_caption_to_png_and_image_to_caption(workdir, tmp_path):
 def test_write_sample_grid(workdir, tmp_path):
     from data_pipelines import build_tokenizer
     from tfusion.eval.checkpoints import load_model
-    from tfusion.inference.samples import write_sample_grid
+    from tfusion.inference.model_sampler import write_sample_grid
 
     model, config, _ = load_model(workdir)
     path = write_sample_grid(model, config, build_tokenizer(config), ["a red circle", "a cat"],

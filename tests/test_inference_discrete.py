@@ -114,7 +114,7 @@ def test_codes_decode_to_pixels_through_the_vq_decoder(tmp_path):
     import ml_collections
 
     from tfusion.autoencoders import AutoencoderConfig, VQModel, save_pretrained
-    from tfusion.eval.generation import latents_to_pixels
+    from tfusion.inference.model_sampler import latents_to_pixels
 
     vq = VQModel(AutoencoderConfig(block_out_channels=(8,), layers_per_block=1,
                                    latent_channels=4, norm_num_groups=4,

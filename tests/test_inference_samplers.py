@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tfusion import diffusion
-from tfusion.inference import samplers
-from tfusion.inference.sampling import filter_top_k, filter_top_p, sample_tokens
+from tfusion.inference import diffusion_samplers as samplers
+from tfusion.inference.token_sampling import filter_top_k, filter_top_p, sample_tokens
 
 
 def _posterior_by_bayes(x0, x_t, ab_t, ab_prev):

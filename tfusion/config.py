@@ -194,7 +194,7 @@ def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffu
     if not 0 < c.sample_steps <= c.num_train_steps:
         fail("sample_steps", f"{c.sample_steps} outside (0, {c.num_train_steps}]")
     from tfusion import diffusion  # late: diffusion is light, but keeps config import-free
-    from tfusion.inference.samplers import SAMPLERS_BY_PROCESS
+    from tfusion.inference.diffusion_samplers import SAMPLERS_BY_PROCESS
     choices = dict(process=diffusion.PROCESSES, prediction=diffusion.PREDICTIONS,
                    loss_weighting=diffusion.LOSS_WEIGHTINGS,
                    timestep_sampling=diffusion.TIMESTEP_SAMPLINGS)

@@ -83,7 +83,7 @@ class HeldoutEvaluator:
         self.fractions = tuple(fractions if fractions is not None else DEFAULT_FRACTIONS)
         self.times = self.process.bucket_times(self.fractions)
         self.image_token_offset = image_token_offset(config.model)
-        from tfusion.inference.samples import clip_for  # late: inference imports eval
+        from tfusion.inference.model_sampler import clip_for
         self.clip = clip_for(config)
         if model_fn is None:
             model_fn = lambda params, batch, noisy, t: nnx.merge(graphdef, params)(batch, noisy, t)

@@ -28,12 +28,11 @@ from flax import nnx
 
 from tfusion.eval import fid as fid_lib
 from tfusion.eval.cider import cider_d
-from tfusion.eval.generation import ModelSampler, SamplingSettings
-from tfusion.eval.grid import write_grid
 from tfusion.eval.heldout import heldout_metrics
 from tfusion.eval.references import heldout_references
 from tfusion.eval.shapes_detector import detect_batch
 from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_image
+from tfusion.inference.model_sampler import ModelSampler, SamplingSettings, write_grid
 
 _log = logging.getLogger(__name__)
 SUITES = ("text", "shapes", "fid", "digits")
@@ -64,8 +63,9 @@ class _Context:
     @property
     def sampler(self):
         if self._sampler is None:
-            self._sampler = ModelSampler(self.model, self.config, self.options.sampling,
-                                         self.progress)
+            from data_pipelines import build_tokenizer
+            self._sampler = ModelSampler(self.model, self.config, build_tokenizer(self.config),
+                                         self.options.sampling, self.progress)
         return self._sampler
 
     def references(self, count: int) -> list:

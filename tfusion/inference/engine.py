@@ -18,7 +18,7 @@ from flax import nnx
 from tfusion import diffusion
 from tfusion.config import ConfigError, derived, image_token_offset, is_discrete
 from tfusion.inference import cache as cache_lib
-from tfusion.inference import samplers, steps
+from tfusion.inference import diffusion_samplers as samplers, steps
 from tfusion.sharding import activation_sharding, rule_table, state_shardings
 
 

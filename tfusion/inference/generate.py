@@ -3,7 +3,7 @@
 Rows move in lockstep over one shared cache index, each in its own state:
   text:  feed the row's last token, sample the next (BOI -> image, EOS -> done);
   image: denoise P noise patches against the cached prefix for `steps` steps
-         (any prediction and process: inference/samplers.py),
+         (any prediction and process: inference/diffusion_samplers.py),
          write the clean image (t = 0) into the cache, then feed EOI;
          the discrete (Chameleon) baseline instead samples its image_tokens VQ codes
          one by one, restricted to the codebook's ids, then feeds EOI.

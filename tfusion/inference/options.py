@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfusion.inference.samplers import SAMPLERS
+from tfusion.inference.diffusion_samplers import SAMPLERS
 
 
 @dataclasses.dataclass(frozen=True)

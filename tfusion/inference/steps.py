@@ -13,9 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tfusion.inference import samplers
+from tfusion.inference import diffusion_samplers as samplers
 from tfusion.inference.cache import KVCache, extend
-from tfusion.inference.sampling import sample_tokens
+from tfusion.inference.token_sampling import sample_tokens
 from tfusion.sharding import constrain
 
 # Purposes folded into a row's key so text and image randomness never share draws.

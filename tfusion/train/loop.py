@@ -219,7 +219,7 @@ class Trainer:
         inference engine's code path, so samples show what generate would give)."""
         from data_pipelines import build_tokenizer
         from jax.experimental import multihost_utils
-        from tfusion.inference.samples import write_sample_grid
+        from tfusion.inference.model_sampler import write_sample_grid
 
         # Every process joins the gather; only the primary samples and writes.
         params = multihost_utils.process_allgather(params, tiled=True)
@@ -243,7 +243,7 @@ class Trainer:
         if not self.primary:
             return {}
         start = time.perf_counter()
-        from tfusion.eval.generation import SamplingSettings
+        from tfusion.inference.model_sampler import SamplingSettings
         # One generate() call per 64 prompts: the diffusion loop's per-step cost is mostly
         # fixed overhead at tiny sizes, so wide batches finish sooner.
         options = EvalOptions(progress=False, sampling=SamplingSettings(batch_size=64))
