@@ -48,7 +48,7 @@ def tfusion_parts(shape, scenario: str, warmup: int, steps: int, seed: int) -> d
     make = fixed_batches if scenario == "fixed" else mix_batches
     batch = jax.device_put(make(shape, spec, 1, seed, config.model.pad_id)[0])
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir, validate_data=False)
+        trainer = Trainer(config, workdir)
         _, state = state_lib.init_state(config.model, trainer.tx, trainer.mesh, trainer.table,
                                         config.train.seed, trainer.state_sh)
         key = jax.random.key(seed)

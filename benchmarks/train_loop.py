@@ -43,8 +43,8 @@ def load_config(name: str, steps: int, log_every: int):
 
 def loop_step_seconds(config, workdir: str) -> list[float]:
     """Per-step seconds of each logged interval after the first, from Trainer.run."""
-    from tfusion.train.loop import Trainer
-    Trainer(config, workdir).run()
+    from launch.train_setup import train
+    train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     train_rows = [r for r in rows if "step_s" in r and r.get("split", "train") == "train"]
@@ -54,10 +54,10 @@ def loop_step_seconds(config, workdir: str) -> list[float]:
 def step_alone_seconds(config, workdir: str, log_every: int) -> list[float]:
     """Per-step seconds of Trainer.step_fn over the run's batches, one block per interval."""
     import jax
+    from launch.train_setup import make_trainer
     from tfusion.train import distributed, state as state_lib
-    from tfusion.train.loop import Trainer
 
-    trainer = Trainer(config, workdir)
+    trainer = make_trainer(config, workdir)
     it = trainer._iterator(trainer.train_iterator_fn)
     batches = [distributed.global_batch(next(it), trainer.mesh, trainer.table)
                for _ in range(config.train.steps)]

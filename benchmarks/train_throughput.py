@@ -176,7 +176,7 @@ def run_scenario(name: str, shape: workloads.Shape, warmup: int, steps: int, see
     make_batches = fixed_batches if name == "fixed" else mix_batches
     host = make_batches(shape, spec, distinct, seed, config.model.pad_id)
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = Trainer(config, workdir, validate_data=False)
+        trainer = Trainer(config, workdir)
         _, state = state_lib.init_state(config.model, trainer.tx, trainer.mesh, trainer.table,
                                         config.train.seed, trainer.state_sh)
         batches = [jax.device_put(b) for b in host]

@@ -163,8 +163,11 @@ def _validate_folder(data_dir: str) -> None:
 
 def _validate_against_model(config: ml_collections.ConfigDict) -> None:
     """Checks that need the encoder, the tokenizer or the model config."""
-    # Late imports: these modules import this one for their field names.
-    from data_pipelines import encoders, tokenizer  # noqa: F401  (modules, not the package)
+    # Late imports of the modules themselves, never the package (which imports this
+    # one): the encoders pull in the image codecs and the tokenizer sentencepiece, which
+    # experiment configs (importing this module for data_config()) do not need.
+    import data_pipelines.encoders as encoders
+    from data_pipelines.tokenizer import build_tokenizer
 
     d, model = config.data, config.model
     code_offset = image_token_offset(model)  # None unless images are VQ code tokens
@@ -183,7 +186,7 @@ def _validate_against_model(config: ml_collections.ConfigDict) -> None:
             _validate_discrete_images(d, model, latent)
         else:
             _validate_continuous_images(d, model, latent)
-    tok = tokenizer.build_tokenizer(config)
+    tok = build_tokenizer(config)
     if code_offset is not None and tok.vocab_size > code_offset:
         _fail("tokenizer", f"tokenizer has {tok.vocab_size} ids (BOI/EOI included) but VQ "
                            f"codes start at id {code_offset} (model.vocab_size "

@@ -20,7 +20,7 @@ from typing import Optional
 import grain
 import numpy as np
 
-from data_pipelines import encoders
+from data_pipelines.encoders import resolve as resolve_encoder
 from data_pipelines.images import prepare_image
 from data_pipelines.records import (BadRecord, DocItem, ImageCaptionRecord, TextRecord,
                                     clean_text, located)
@@ -62,7 +62,7 @@ class DocumentOptions:
 class DocumentBuilder:
     def __init__(self, tokenizer: Tokenizer, options: DocumentOptions):
         self.tok, self.opt = tokenizer, options
-        self.encode = encoders.resolve(options.encoder, options.encoder_path).encode
+        self.encode = resolve_encoder(options.encoder, options.encoder_path).encode
 
     def _caption_ids(self, raw) -> tuple[list[int], tuple[str, ...]]:
         text, repairs = clean_text(raw, "empty_caption")

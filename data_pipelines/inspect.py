@@ -17,8 +17,8 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from data_pipelines import pipeline
 from data_pipelines.config import validate_data_config
+from data_pipelines.pipeline import make_train_iterator
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with get_config()")
@@ -86,7 +86,7 @@ def main(argv):
     config = _CONFIG.value
     validate_data_config(config)
     tok = build_tokenizer(config)
-    it = pipeline.make_train_iterator(config)
+    it = make_train_iterator(config)
     batches = [next(it) for _ in range(_BATCHES.value)]
     stats, examples = it.stats(), it.skip_examples()
     it.close()

@@ -26,10 +26,12 @@ from typing import Iterator, Optional
 import grain
 import numpy as np
 
-from data_pipelines import mixture, sources
 from data_pipelines.documents import (DocumentBuilder, DocumentOptions, image_documents,
                                       text_documents)
+from data_pipelines.encoders import resolve as resolve_encoder
+from data_pipelines.mixture import mix_streams
 from data_pipelines.packing import EXAMPLES_KEY, STATS_KEY, PackingIterDataset
+from data_pipelines.sources import image_source, text_source
 from data_pipelines.stats import PipelineStats, UsabilityLimits, log_counts
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
 from tfusion.batch import BatchSpec
@@ -38,8 +40,6 @@ from tfusion.config import is_discrete
 
 def batch_spec(config, process_count: int = 1) -> BatchSpec:
     """The contract shapes of one process's batches."""
-    from data_pipelines import encoders
-
     d, model = config.data, config.model
     if config.train.batch_size % process_count:
         raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by "
@@ -48,7 +48,7 @@ def batch_spec(config, process_count: int = 1) -> BatchSpec:
         # No image slots: text-only training, or images travelling as VQ code tokens.
         latent, slots = (model.latent_height, model.latent_width, model.latent_channels), 0
     else:
-        latent = encoders.resolve(d.encoder, d.encoder_path).latent_shape(d.image_size)
+        latent = resolve_encoder(d.encoder, d.encoder_path).latent_shape(d.image_size)
         slots = d.max_images_per_row
     return BatchSpec(batch_size=config.train.batch_size // process_count, seq_len=d.seq_len,
                      max_images=slots, latent_shape=latent, patch_size=model.patch_size)
@@ -72,9 +72,9 @@ def document_streams(config, split: str, tokenizer: Tokenizer,
         return records.repeat()  # reshuffled every epoch
 
     if image_records is None and d.source != "none":
-        image_records = sources.image_source(d, split)
+        image_records = image_source(d, split)
     if text_records is None and d.text_source != "none":
-        text_records = sources.text_source(d, split)
+        text_records = text_source(d, split)
     images = image_documents(prepare(image_records, 1), builder) if image_records else None
     texts = text_documents(prepare(text_records, 2), builder) if text_records else None
     return images, texts
@@ -154,8 +154,8 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
     tokenizer = build_tokenizer(config)
     spec = batch_spec(config, process_count)
     images, texts = document_streams(config, split, tokenizer, image_records, text_records)
-    docs, weights = mixture.mix_streams(images, texts, d.text_token_share,
-                                        d.mixture_probe_docs, spec.patches_per_image)
+    docs, weights = mix_streams(images, texts, d.text_token_share, d.mixture_probe_docs,
+                                spec.patches_per_image)
     docs = docs[process_index::process_count]
     dataset = PackingIterDataset(docs, spec, tokenizer.pad_id, d.packing_open_rows,
                                  d.min_text_chunk, UsabilityLimits.from_config(d))

@@ -12,8 +12,11 @@ from typing import Callable
 import grain
 import numpy as np
 
-from data_pipelines import builtin_text, file_sources, latents_source, shapes
+from data_pipelines.builtin_text import digit_caption
+from data_pipelines.file_sources import array_record_records, folder_records, text_file_records
+from data_pipelines.latents_source import records as latent_records
 from data_pipelines.records import ImageCaptionRecord, TextRecord
+from data_pipelines.shapes import make_scene, render_scene
 
 SHAPES_SPLIT_SEEDS = {"train": 0, "eval": 1}
 
@@ -27,8 +30,8 @@ def _split(records: grain.MapDataset, data, split: str) -> grain.MapDataset:
 
 
 def _shapes_record(index: int, seed: int, max_shapes: int, px: int) -> ImageCaptionRecord:
-    scene = shapes.make_scene(seed, index, max_shapes)
-    return ImageCaptionRecord(shapes.render_scene(scene, px), scene.caption(),
+    scene = make_scene(seed, index, max_shapes)
+    return ImageCaptionRecord(render_scene(scene, px), scene.caption(),
                               attributes=scene.attributes())
 
 
@@ -46,7 +49,7 @@ def _shapes_captions(data, split: str) -> grain.MapDataset:
     n = data.eval_examples if split == "eval" else data.num_examples
     max_shapes = data.shapes_max_per_image
     return grain.MapDataset.range(n).map(
-        lambda i: TextRecord(shapes.make_scene(seed, i, max_shapes).caption()))
+        lambda i: TextRecord(make_scene(seed, i, max_shapes).caption()))
 
 
 def _digits(data, split: str) -> grain.MapDataset:
@@ -59,7 +62,7 @@ def _digits(data, split: str) -> grain.MapDataset:
                        3, axis=-1)
     pairs = list(zip(images, digits.target.tolist()))
     records = grain.MapDataset.source(pairs).map(
-        lambda p: ImageCaptionRecord(p[0], builtin_text.digit_caption(p[1])))
+        lambda p: ImageCaptionRecord(p[0], digit_caption(p[1])))
     return _split(records, data, split)
 
 
@@ -81,11 +84,11 @@ def _tfds(data, split: str) -> grain.MapDataset:
 
 
 def _folder(data, split):
-    return _split(file_sources.folder_records(data.data_dir), data, split)
+    return _split(folder_records(data.data_dir), data, split)
 
 
 def _array_record(data, split):
-    return _split(file_sources.array_record_records(data.data_dir), data, split)
+    return _split(array_record_records(data.data_dir), data, split)
 
 
 IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
@@ -96,7 +99,7 @@ IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
     "tfds": _tfds,
     # Latents (and captions) written by launch/encode_latents.py; data.encoder must be
     # "precomputed" and data.encoder_path the directory.
-    "precomputed": lambda data, split: latents_source.records(data.encoder_path, split),
+    "precomputed": lambda data, split: latent_records(data.encoder_path, split),
 }
 
 
@@ -106,7 +109,7 @@ def image_source(data, split: str) -> grain.MapDataset:
 
 def text_source(data, split: str) -> grain.MapDataset:
     if data.text_source == "files":
-        return _split(file_sources.text_file_records(data.text_files, data.text_jsonl_key),
+        return _split(text_file_records(data.text_files, data.text_jsonl_key),
                       data, split)
     if data.text_source == "captions":
         if data.source == "shapes":

@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from data_pipelines.builtin_text import digit_captions, english_sentences
+from data_pipelines.shapes import make_scene
 from tfusion.config import ConfigError
 
 BOI_PIECE, EOI_PIECE = "<boi>", "<eoi>"
@@ -142,10 +144,8 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int) -> Tokeniz
 
 def builtin_corpus() -> list[str]:
     """Captions of the built-in sources plus a little plain English, all generated here."""
-    from data_pipelines import builtin_text, shapes
-
-    captions = [shapes.make_scene(0, i).caption() for i in range(2000)]
-    return captions + builtin_text.digit_captions() + builtin_text.english_sentences()
+    captions = [make_scene(0, i).caption() for i in range(2000)]
+    return captions + digit_captions() + english_sentences()
 
 
 def default_cache_dir() -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from data_pipelines import file_sources, tokenizer
+from data_pipelines.file_sources import text_file_records
 from data_pipelines.records import BadRecord, clean_text
+from data_pipelines.tokenizer import builtin_corpus, train_tokenizer
 
 _INPUT = flags.DEFINE_string("input", "", "glob of .txt (a document per line) or .jsonl files")
 _JSONL_KEY = flags.DEFINE_string("jsonl_key", "text", "JSONL field holding the text")
@@ -19,7 +20,7 @@ _VOCAB = flags.DEFINE_integer("vocab_size", 512, "pieces; must exceed 262 (6 spe
 
 
 def corpus_texts(pattern: str, jsonl_key: str):
-    records = file_sources.text_file_records(pattern, jsonl_key)
+    records = text_file_records(pattern, jsonl_key)
     for i in range(len(records)):
         try:
             yield clean_text(records[i].text, "empty_text")[0]
@@ -30,8 +31,8 @@ def corpus_texts(pattern: str, jsonl_key: str):
 def main(argv):
     del argv
     texts = (corpus_texts(_INPUT.value, _JSONL_KEY.value) if _INPUT.value
-             else tokenizer.builtin_corpus())
-    tok = tokenizer.train_tokenizer(texts, _OUTPUT.value, _VOCAB.value)
+             else builtin_corpus())
+    tok = train_tokenizer(texts, _OUTPUT.value, _VOCAB.value)
     print(f"wrote {_OUTPUT.value}: vocab_size={tok.vocab_size} pad={tok.pad_id} "
           f"bos={tok.bos_id} eos={tok.eos_id} boi={tok.boi_id} eoi={tok.eoi_id}")
 

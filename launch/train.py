@@ -3,6 +3,8 @@
   python -m launch.train --config=experiments/registry.py:shapes_tiny --workdir=/tmp/run \\
       [--config.train.steps=100 ...]
 
+The run is put together by launch/train_setup.py (config validation, the data
+pipeline, tokenizer and final evaluation handed to tfusion's Trainer).
 Re-running with the same --workdir resumes from its newest checkpoint. Multi-host:
 run the same command on every host; jax.distributed is initialised from the
 environment (TPU slice, SLURM), or from --coordinator_address/--num_processes/
@@ -37,10 +39,11 @@ def main(argv) -> None:
     logging.getLogger("tfusion").setLevel(logging.INFO)
     # Imported here so that jax is configured (platform, distributed) by flags first.
     from data_pipelines import UnusableDataError
+    from launch.train_setup import train
     from tfusion.config import ConfigError
     from tfusion.train import distributed
     from tfusion.train.checkpoint import CheckpointSaveError, NoRestorableCheckpointError
-    from tfusion.train.loop import NonFiniteError, train
+    from tfusion.train.loop import NonFiniteError
     from tfusion.train.workdir import WorkdirLockedError
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

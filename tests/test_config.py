@@ -56,10 +56,10 @@ def test_image_representation_override_is_checked_by_the_trainer(value, field):
     from tfusion.train.validate import validate_config
 
     config = get_config("shapes_tiny")
-    validate_config(config, num_devices=1, process_count=1, validate_data=False)
+    validate_config(config, num_devices=1, process_count=1)
     config.model.image_representation = value
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        validate_config(config, num_devices=1, process_count=1, validate_data=False)
+        validate_config(config, num_devices=1, process_count=1)
 
 
 @pytest.mark.parametrize("family", ["transfusion", "chameleon"])

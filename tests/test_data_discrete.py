@@ -129,7 +129,7 @@ def test_discrete_config_errors_name_the_field(config):
 
 def test_micro_chameleon_trains_on_its_data_with_split_text_and_image_losses(config, tmp_path):
     from tfusion.scaling.collect import read_rows
-    from tfusion.train.loop import train
+    from launch.train_setup import train
 
     config.train.update(steps=3, log_every=1, eval_every=3, checkpoint_every=3, batch_size=8)
     config.data.eval_batches = 1

@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from tests.data_fixtures import CORRUPT, FOLDER_IMAGES, write_folder
+from launch.train_setup import train
 from tests.train_fixtures import TINY_CLI_OVERRIDES
-from tfusion.train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -35,8 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(workdir, steps, iterator_fn=None, **train_fields):
     config = synthetic_config(steps=steps)
     config.train.update(train_fields)
-    trainer = Trainer(config, str(workdir), train_iterator_fn=iterator_fn or synthetic_iterator_fn(),
-                      validate_data=False)
+    trainer = Trainer(config, str(workdir),
+                      train_iterator_fn=iterator_fn or synthetic_iterator_fn())
     result = trainer.run()
     return trainer, result
 
@@ -47,8 +47,7 @@ def _params(state) -> list:
 
 def _restored_params(workdir, step) -> list:
     config = synthetic_config()
-    trainer = Trainer(config, str(workdir), train_iterator_fn=synthetic_iterator_fn(),
-                      validate_data=False)
+    trainer = Trainer(config, str(workdir), train_iterator_fn=synthetic_iterator_fn())
     target = state_lib.abstract_state(config.model, trainer.tx, trainer.state_sh)
     state, _ = trainer.checkpointer.restore(step, target)
     trainer.checkpointer.close()
@@ -151,8 +150,7 @@ def test_restart_with_another_model_shape_is_refused_before_restore(reference, t
     config = synthetic_config(steps=6)
     config.model.width = 96
     with pytest.raises(ConfigError) as error:
-        Trainer(config, str(workdir), train_iterator_fn=synthetic_iterator_fn(),
-                validate_data=False).run()
+        Trainer(config, str(workdir), train_iterator_fn=synthetic_iterator_fn()).run()
     assert error.value.field == "model.width"
     assert "64" in str(error.value) and "96" in str(error.value)
     assert (workdir / "config.json").read_text() == saved  # not overwritten
@@ -294,7 +292,7 @@ def stalled_eval(config, *, process_index, process_count):
 
 config = synthetic_config(steps=6, eval_every=3, preemption_timeout_s=3.0)
 train(config, sys.argv[2], train_iterator_fn=synthetic_iterator_fn(),
-      eval_iterator_fn=stalled_eval, validate_data=False)
+      eval_iterator_fn=stalled_eval)
 """
 
 

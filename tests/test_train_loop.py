@@ -1,5 +1,6 @@
 """The training loop in-process: sharded vs single-device, restore into another mesh,
 non-finite skipping and stopping. Synthetic data: batch s depends only on (seed, s)."""
+import json
 import os
 import shutil
 
@@ -20,7 +21,7 @@ def _trainer(workdir, mesh=None, devices=None, nan_steps=(), **train):
     config = synthetic_config(**train)
     if mesh:
         config.mesh.update(mesh)
-    return Trainer(config, str(workdir), devices=devices, validate_data=False,
+    return Trainer(config, str(workdir), devices=devices,
                    train_iterator_fn=synthetic_iterator_fn(nan_steps),
                    eval_iterator_fn=synthetic_eval_iterator_fn())
 
@@ -70,6 +71,41 @@ def test_eval_logs_heldout_loss(tmp_path):
     evals = read_losses(str(tmp_path), split="eval")
     assert sorted(evals) == [1, 2] and all(np.isfinite(v) for v in evals.values())
     assert evals[2] != evals[1]  # same held-out batches and noise, updated params
+
+
+def test_final_eval_is_the_callable_given_and_its_metrics_are_logged(tmp_path):
+    """The Trainer builds no data or evaluators: train.final_eval_suite runs the
+    `final_eval` it was handed (launch/train_setup.py builds the suite's) on the final
+    params, and logs what it returns as split "final_eval"."""
+    calls = []
+
+    def final_eval(step, params):
+        calls.append((step, [np.asarray(x) for x in jax.tree.leaves(params)]))
+        return {"text/perplexity": 12.5}
+
+    config = synthetic_config(steps=2, final_eval_suite="text")
+    trainer = Trainer(config, str(tmp_path), devices=jax.devices()[:1],
+                      train_iterator_fn=synthetic_iterator_fn(), final_eval=final_eval)
+    result = trainer.run()
+    assert [step for step, _ in calls] == [2]
+    for a, b in zip(calls[0][1], _params(trainer)):
+        np.testing.assert_array_equal(a, b)
+    assert result.last_metrics["final_eval"]["text/perplexity"] == 12.5
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    final = [r for r in rows if r["split"] == "final_eval"]
+    assert len(final) == 1 and final[0]["step"] == 2
+    assert final[0]["text/perplexity"] == 12.5 and final[0]["seconds"] >= 0
+
+
+@pytest.mark.parametrize("fields, argument", [({"eval_every": 2}, "eval_iterator_fn"),
+                                              ({"sample_every": 2}, "tokenizer"),
+                                              ({"final_eval_suite": "text"}, "final_eval")])
+def test_trainer_refuses_outputs_it_was_given_nothing_for(tmp_path, fields, argument):
+    field = next(iter(fields))
+    with pytest.raises(ValueError, match=rf"^train\.{field}=.* needs the Trainer's {argument} "):
+        Trainer(synthetic_config(**fields), str(tmp_path), devices=jax.devices()[:1],
+                train_iterator_fn=synthetic_iterator_fn())
 
 
 def test_nan_batch_is_skipped_and_counted(tmp_path):

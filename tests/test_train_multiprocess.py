@@ -33,7 +33,7 @@ def test_two_processes_match_one_process(tmp_path):
              for i in range(2)]
     # Meanwhile, the reference: one process, 4 of this process's devices.
     config = synthetic_config(steps=4)
-    Trainer(config, str(single), devices=jax.devices()[:4], validate_data=False,
+    Trainer(config, str(single), devices=jax.devices()[:4],
             train_iterator_fn=synthetic_iterator_fn()).run()
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for i, (p, out) in enumerate(zip(procs, outputs)):

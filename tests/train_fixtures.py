@@ -109,8 +109,7 @@ def _process_main(workdir: str, process_id: int, num_processes: int, port: int) 
 
     jax.config.update("jax_default_matmul_precision", "highest")
     distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
-    result = train(synthetic_config(steps=4), workdir, train_iterator_fn=synthetic_iterator_fn(),
-                   validate_data=False)
+    result = train(synthetic_config(steps=4), workdir, train_iterator_fn=synthetic_iterator_fn())
     print("RESULT", process_id, result.step, result.stopped, flush=True)
 
 

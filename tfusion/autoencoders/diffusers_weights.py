@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tfusion.autoencoders import safetensors_io
+import tfusion.autoencoders.safetensors_io as safetensors_io
 from tfusion.autoencoders.autoencoder_kl import AutoencoderKL
 from tfusion.autoencoders.config import AutoencoderConfig, from_diffusers_dict
 from tfusion.autoencoders.vq import VQModel

@@ -1,5 +1,5 @@
-"""Evaluation suites by name; `run_eval_suite` is what launch/evaluate.py and the
-trainer call.
+"""Evaluation suites by name; `run_eval_suite` is what launch/evaluate.py calls, and
+`suite_evaluator` wraps it as the trainer's final evaluation (launch/train_setup.py).
 
   text    held-out perplexity (clean images) + diffusion loss at fixed t
   shapes  `shapes` only: compositional generation scores (detector on generated
@@ -26,6 +26,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from data_pipelines.builtin_text import digit_caption
+from data_pipelines.pipeline import make_eval_iterator
+from data_pipelines.tokenizer import build_tokenizer
 from tfusion.eval import fid as fid_lib
 from tfusion.eval.cider import cider_d
 from tfusion.eval.heldout import heldout_metrics
@@ -63,7 +66,6 @@ class _Context:
     @property
     def sampler(self):
         if self._sampler is None:
-            from data_pipelines import build_tokenizer
             self._sampler = ModelSampler(self.model, self.config, build_tokenizer(self.config),
                                          self.options.sampling, self.progress)
         return self._sampler
@@ -103,8 +105,7 @@ def _tqdm(iterable=None, **kwargs):
 
 
 def text_suite(ctx: _Context) -> dict:
-    import data_pipelines
-    batches = data_pipelines.make_eval_iterator(ctx.config)
+    batches = make_eval_iterator(ctx.config)
     progress = None
     if ctx.progress:
         progress = lambda it: ctx.progress(it, total=ctx.config.data.eval_batches,
@@ -205,8 +206,6 @@ def _as_digit_intensities(pixels: np.ndarray) -> np.ndarray:
 
 
 def digits_suite(ctx: _Context) -> dict:
-    from data_pipelines.builtin_text import digit_caption
-
     if ctx.config.data.source != "digits":
         raise ValueError(f"the digits suite needs data.source='digits', not "
                          f"{ctx.config.data.source!r}")
@@ -307,3 +306,15 @@ def run_eval_suite(name: str, model_or_params, config, workdir: str,
     if name == "all":
         write_result(workdir, "all", {"suite": "all", "step": step, "metrics": results})
     return results
+
+
+def suite_evaluator(name: str, config, workdir: str, *,
+                    options: EvalOptions = EvalOptions()) -> Callable[[int, object], dict]:
+    """Suite `name` as a callable (step, model_or_params) -> flat scalar metrics: the
+    trainer's `final_eval` (it logs them; the suite writes workdir/eval/ as usual)."""
+    suites_for(name, config)  # an unknown name fails now, not at the end of training
+
+    def evaluate(step: int, model_or_params) -> dict:
+        return scalar_metrics(run_eval_suite(name, model_or_params, config, workdir, step,
+                                             options=options))
+    return evaluate

@@ -1,9 +1,13 @@
 """The training loop: set-up, resume, steps, logging, evaluation, checkpoints, preemption.
 
-`train(config, workdir)` is the whole run; launch/train.py only parses flags and
-initialises jax.distributed. A run restarted with the same workdir resumes from the
-newest checkpoint (state, RNG and data-iterator state together), so the resumed
-steps see the same batches and the same noise as an uninterrupted run.
+The Trainer is handed its inputs; it never builds them (and never imports
+data_pipelines). launch/train_setup.py is where a run is put together, as big_vision's
+train.py builds its input pipeline and evaluators: it validates the data config,
+then passes the train and held-out iterator factories, the tokenizer (sample grids)
+and the final evaluation (train.final_eval_suite) into the Trainer. A run restarted
+with the same workdir resumes from the newest checkpoint (state, RNG and
+data-iterator state together), so the resumed steps see the same batches and the
+same noise as an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import numpy as np
@@ -96,16 +100,18 @@ class _Preemption:
             self._deadline.cancel()
 
 
-def _default_train_iterator(config, *, process_index, process_count):
-    import data_pipelines
-    return data_pipelines.make_train_iterator(config, process_index=process_index,
-                                              process_count=process_count)
+class IteratorFn(Protocol):
+    """Makes this process's batch iterator: (config, *, process_index, process_count).
+
+    Train: infinite, with get_state() / set_state() for checkpoints. Held-out: finite,
+    called afresh for every evaluation. Either may have data_counts() and close()."""
+
+    def __call__(self, config, *, process_index: int, process_count: int) -> Iterator[dict]:
+        ...
 
 
-def _default_eval_iterator(config, *, process_index, process_count):
-    import data_pipelines
-    return data_pipelines.make_eval_iterator(config, process_index=process_index,
-                                             process_count=process_count)
+# (step, sampling params) -> flat {name: number} metrics; runs on the primary process.
+FinalEval = Callable[[int, Any], dict]
 
 
 def _step_flops(model_cfg, local_batch) -> float:
@@ -125,11 +131,21 @@ def _summed_over_processes(counts: dict) -> dict:
 
 
 class Trainer:
-    def __init__(self, config, workdir: str, *, train_iterator_fn: Callable | None = None,
-                 eval_iterator_fn: Callable | None = None, devices=None,
-                 validate_data: bool = True):
-        validate_config(config, None if devices is None else len(devices),
-                        validate_data=validate_data)
+    """One training run in `workdir`, fed by what the caller built.
+
+    train_iterator_fn: this process's training batches (needed by run()).
+    eval_iterator_fn: held-out batches for train.eval_every.
+    tokenizer: encodes train.sample_prompts for train.sample_every grids.
+    final_eval: train.final_eval_suite at the end of the run, (step, params) -> metrics.
+    The config is validated here except for config.data, which belongs to whoever
+    built the iterators (launch/train_setup.py validates it with data_pipelines).
+    """
+
+    def __init__(self, config, workdir: str, *, train_iterator_fn: IteratorFn | None = None,
+                 eval_iterator_fn: IteratorFn | None = None, tokenizer=None,
+                 final_eval: FinalEval | None = None, devices=None):
+        validate_config(config, None if devices is None else len(devices))
+        _check_inputs(config, eval_iterator_fn, tokenizer, final_eval)
         self.config, self.workdir = config, workdir
         self.primary = jax.process_index() == 0
         self.mesh = sharding.make_mesh(config.mesh, devices)
@@ -150,8 +166,8 @@ class Trainer:
                                                self.state_sh["params"], BATCH_NDIMS)
         self.diagnostics = HeldoutEvaluator(
             graphdef, config, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
-        self.train_iterator_fn = train_iterator_fn or _default_train_iterator
-        self.eval_iterator_fn = eval_iterator_fn or _default_eval_iterator
+        self.train_iterator_fn, self.eval_iterator_fn = train_iterator_fn, eval_iterator_fn
+        self.tokenizer, self.final_eval = tokenizer, final_eval
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                          t.keep_checkpoints)
         self.writer = None
@@ -217,7 +233,6 @@ class Trainer:
     def write_samples(self, step: int, params) -> None:
         """A grid of images for config.train.sample_prompts in workdir/samples/ (the
         inference engine's code path, so samples show what generate would give)."""
-        from data_pipelines import build_tokenizer
         from jax.experimental import multihost_utils
         from tfusion.inference.model_sampler import write_sample_grid
 
@@ -227,29 +242,23 @@ class Trainer:
             return
         out = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        write_sample_grid((self.objective.graphdef, params), self.config,
-                          build_tokenizer(self.config), list(self.config.train.sample_prompts),
-                          out, seed=self.config.train.seed)
+        write_sample_grid((self.objective.graphdef, params), self.config, self.tokenizer,
+                          list(self.config.train.sample_prompts), out,
+                          seed=self.config.train.seed)
         _log.info("samples written to %s", out)
 
     def final_evaluation(self, step: int, state) -> dict:
-        """train.final_eval_suite on the sampling params (EMA where kept) at the end of the
-        run: written to workdir/eval/ and metrics.jsonl (split "final_eval"), printed."""
+        """train.final_eval_suite (the `final_eval` given) on the sampling params (EMA
+        where kept) at the end of the run: its metrics go to metrics.jsonl (split
+        "final_eval") and the console; the evaluator writes its own files."""
         from jax.experimental import multihost_utils
-        from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
 
         params = multihost_utils.process_allgather(state.get("ema_params", state["params"]),
                                                    tiled=True)
         if not self.primary:
             return {}
         start = time.perf_counter()
-        from tfusion.inference.model_sampler import SamplingSettings
-        # One generate() call per 64 prompts: the diffusion loop's per-step cost is mostly
-        # fixed overhead at tiny sizes, so wide batches finish sooner.
-        options = EvalOptions(progress=False, sampling=SamplingSettings(batch_size=64))
-        results = run_eval_suite(self.config.train.final_eval_suite, params, self.config,
-                                 self.workdir, step, options=options)
-        flat = scalar_metrics(results)
+        flat = dict(self.final_eval(step, params))
         flat["seconds"] = time.perf_counter() - start
         self.writer.write(step, flat, prefix="final_eval")
         lines = [f"  {k:48s} {v:.4f}" for k, v in sorted(flat.items())]
@@ -279,6 +288,9 @@ class Trainer:
     # --- the loop ---
 
     def run(self) -> TrainResult:
+        if self.train_iterator_fn is None:
+            raise ValueError("Trainer.run needs train_iterator_fn (launch/train_setup.py "
+                             "make_trainer passes the data pipeline's)")
         lock = WorkdirLock(self.workdir).acquire() if self.primary else None
         preemption = _Preemption(float(self.config.train.get("preemption_timeout_s", 0)),
                                  self._describe_checkpoints)
@@ -401,6 +413,18 @@ class Trainer:
                 f"stopping at step {step}: {run} non-finite steps in a row (loss or gradients "
                 f"NaN/Inf; train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}). "
                 f"Last good checkpoint: step {last_good} in {self.checkpointer.directory}")
+
+
+def _check_inputs(config, eval_iterator_fn, tokenizer, final_eval) -> None:
+    """Every output the config asks for was given what it needs."""
+    t = config.train
+    for field, wanted, given, argument in (
+            ("eval_every", t.eval_every, eval_iterator_fn, "eval_iterator_fn"),
+            ("sample_every", t.sample_every, tokenizer, "tokenizer"),
+            ("final_eval_suite", t.get("final_eval_suite", ""), final_eval, "final_eval")):
+        if wanted and given is None:
+            raise ValueError(f"train.{field}={wanted!r} needs the Trainer's {argument} "
+                             "argument (launch/train_setup.py make_trainer builds it)")
 
 
 def train(config, workdir: str, **kwargs) -> TrainResult:

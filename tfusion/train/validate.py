@@ -1,4 +1,6 @@
-"""Start-up validation of a whole experiment config; errors name the field."""
+"""Start-up validation of what the trainer needs from an experiment config (model,
+diffusion, train, optimizer, mesh); errors name the field. config.data is the input
+pipeline's: data_pipelines.validate_data_config, called by launch/train_setup.py."""
 from __future__ import annotations
 
 import jax
@@ -106,15 +108,16 @@ def validate_mesh_config(config, num_devices: int, process_count: int) -> dict:
     return sizes
 
 
-def validate_config(config, num_devices: int | None = None, process_count: int | None = None,
-                    validate_data: bool = True) -> None:
-    """Everything the run needs, checked before any compilation or data loading."""
+def validate_config(config, num_devices: int | None = None,
+                    process_count: int | None = None) -> None:
+    """What the trainer needs, checked before any compilation or data loading.
+
+    config.data's own fields (sources, encoder, tokenizer) are checked by
+    data_pipelines.validate_data_config, which the entry point that builds the input
+    pipeline calls after this (launch/train_setup.py validate)."""
     validate_model_config(config.model)
     validate_image_representation(config)
     validate_diffusion_config(config.diffusion)
-    if validate_data:
-        from data_pipelines.config import validate_data_config
-        validate_data_config(config)
     validate_train_config(config)
     validate_optimizer_config(config.optimizer)
     validate_mesh_config(config, jax.device_count() if num_devices is None else num_devices,
