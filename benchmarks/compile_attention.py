@@ -52,7 +52,7 @@ def compile_attention(kernel: str, mesh, rows: int, seq_len: int, heads: int, he
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from tfusion import attention, sharding
+    from tfusion import kernels, sharding
 
     table = sharding.rule_table()
     batch_axes = ("data", "fsdp")
@@ -65,7 +65,7 @@ def compile_attention(kernel: str, mesh, rows: int, seq_len: int, heads: int, he
 
     def loss(q, k, v, info):
         with sharding.activation_sharding(mesh, table):
-            out = attention.dot_product_attention(q, k, v, info, kernel=kernel)
+            out = kernels.dot_product_attention(q, k, v, info, kernel=kernel)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
@@ -92,12 +92,12 @@ def main():
 
     from jax.experimental import topologies
 
-    from tfusion import attention, sharding
-    from tfusion.kernels import FlashSettings, flash_kernel
+    from tfusion import kernels, sharding
 
     # On this CPU host the default backend is cpu, which would pick interpret mode:
     # compile the real Mosaic kernel for the TPU target instead.
-    attention.register_kernel("flash_tpu", flash_kernel(FlashSettings("tpu", 128, 128, False)))
+    kernels.KERNELS["flash_tpu"] = kernels.flash_kernel(
+        kernels.FlashSettings("tpu", 128, 128, False))
     devices = topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
     rows = args.rows_per_device * len(devices)

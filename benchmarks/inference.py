@@ -25,7 +25,7 @@ from tfusion.config import diffusion_config, model_config
 from tfusion.inference.engine import Engine
 from tfusion.inference.generate import generate
 from tfusion.inference.options import GenerationOptions, SpecialTokens
-from tfusion.inference.steps import Block
+from tfusion.inference.steps import CacheColumns
 from tfusion.model.transfusion import Transfusion
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,9 +54,9 @@ def cached_step_seconds(engine, prefix: int, repeats: int) -> float:
     if prefix:
         tokens = jnp.full((rows, prefix), 7, jnp.int32)
         pos = jnp.broadcast_to(jnp.arange(prefix, dtype=jnp.int32), (rows, prefix))
-        block = Block(pos, jnp.ones((rows, prefix), jnp.int32), jnp.full((rows, prefix), -1))
+        block = CacheColumns(pos, jnp.ones((rows, prefix), jnp.int32), jnp.full((rows, prefix), -1))
         _, cache = engine.prefill(cache, tokens, block)
-    block = Block(jnp.broadcast_to(prefix + jnp.arange(p, dtype=jnp.int32), (rows, p)),
+    block = CacheColumns(jnp.broadcast_to(prefix + jnp.arange(p, dtype=jnp.int32), (rows, p)),
                   jnp.ones((rows, p), jnp.int32), jnp.full((rows, p), prefix, jnp.int32))
     sched = engine.schedule(250)
     keys = engine.keys([0])

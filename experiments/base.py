@@ -74,26 +74,11 @@ def mesh_config() -> ml_collections.ConfigDict:
     return c
 
 
-def image_representation_fields(model: ml_collections.ConfigDict) -> None:
-    """How images enter the transformer (docs/experiments.md, "Chameleon baseline").
-
-    "continuous": Transfusion, VAE latent patches + diffusion loss.
-    "discrete": the Chameleon-style baseline, VQ code ids as ordinary tokens after
-    the text vocabulary (ids vocab_size - codebook_size .. vocab_size - 1), LM loss
-    on every token, no image slots in the batch (M = 0). The trainer needs no
-    switch (an M = 0 batch has no diffusion term); the data pipeline reads it.
-    """
-    model.image_representation = "continuous"
-    model.codebook_size = 0  # discrete: VQ codebook entries appended to the vocabulary
-    model.image_tokens = 0  # discrete: VQ tokens per image (paper: 1024)
-
-
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.description = ""
     c.model = model_config()
-    image_representation_fields(c.model)
     c.diffusion = diffusion_config()
     c.loss = loss_config()
     c.data = data_config()

@@ -162,7 +162,11 @@ def micro_reproduction() -> list[Run]:
     seeds = [Run(f"{family}_{size}_seed{seed}", f"repro_{family}_{size}",
                  {**family_overrides(family), "train.seed": seed}, f"{family}_seed{seed}")
              for seed in REPRO_SEEDS for family in micro.FAMILIES]
-    return [tokenizer] + scaling + ablation + seeds
+    # The cheap, most-asked findings first so that a sweep cut short still answers them:
+    # the family comparison, then attention and noise limiting, the seed spread, and last
+    # the modality-layer and patch ablations (patch 1 is the most expensive run).
+    first, last = ablation[:2], ablation[2:]
+    return [tokenizer] + scaling + first + seeds + last
 
 
 SWEEPS: dict[str, Sweep] = {

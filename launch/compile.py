@@ -58,7 +58,7 @@ def abstract_batch(config, mesh, table):
     import jax
 
     from tfusion.batch import BatchSpec
-    from tfusion.train.grad import batch_shardings
+    from tfusion.train.step import batch_shardings
     from tfusion.batch import BATCH_NDIMS
 
     m = config.model
@@ -72,7 +72,7 @@ def abstract_batch(config, mesh, table):
 def compile_step(config, devices):
     """The trainer's jitted train step, lowered and compiled for abstract devices."""
     from tfusion import sharding
-    from tfusion.objective import Objective
+    from tfusion.train.step import Objective
     from tfusion.train import optimizer, state as state_lib, step as step_lib
     from tfusion.batch import BATCH_NDIMS
     from tfusion.train.params import abstract_model
@@ -81,7 +81,7 @@ def compile_step(config, devices):
     table = sharding.rule_table(config.mesh.rule_overrides)
     tx = optimizer.make_optimizer(config.optimizer)
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.train.steps)
-    state_sh = state_lib.state_shardings(config.model, tx, mesh, table)
+    state_sh = state_lib.train_state_shardings(config.model, tx, mesh, table)
     graphdef, _ = abstract_model(config.model)
     step = step_lib.make_train_step(Objective(graphdef, config), tx, schedule,
                                     config.train.grad_accum_steps, mesh, table)

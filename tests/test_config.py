@@ -29,6 +29,36 @@ def test_bad_model_field_is_named(name, overrides, field):
         validate_model_config(c)
 
 
+def test_model_config_is_typed_frozen_and_derives_sizes():
+    import dataclasses
+
+    from tfusion.config import ModelConfig
+    c = model_config()
+    c.update(width=96, num_heads=6, num_kv_heads=2, mlp_hidden=0, latent_height=16,
+             latent_width=8, latent_channels=3, patch_size=4)
+    m = ModelConfig.of(c)
+    assert ModelConfig.of(m) is m
+    # Derived sizes against the formulas written out here.
+    assert (m.head_dim, m.kv_heads, m.grid_h, m.grid_w) == (16, 2, 4, 2)
+    assert m.patches_per_image == (16 // 4) * (8 // 4) and m.patch_dim == 4 * 4 * 3
+    assert m.mlp_dim == 256  # 8/3 * 96 = 256, rounded up to a multiple of 256
+    assert ModelConfig.of(dict(c.to_dict(), num_kv_heads=0)).kv_heads == 6
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.width = 128
+    hash(m)  # usable as a static jit argument
+
+
+def test_model_config_unknown_and_missing_fields_are_named():
+    from tfusion.config import ModelConfig
+    c = model_config()
+    with pytest.raises(ConfigError, match="^config.model.widht: unknown field"):
+        ModelConfig.of(dict(c.to_dict(), widht=3))
+    values = c.to_dict()
+    del values["rope_theta"]
+    with pytest.raises(ConfigError, match="^config.model.rope_theta: missing"):
+        ModelConfig.of(values)
+
+
 def test_defaults_are_valid():
     validate_model_config(model_config())
     validate_diffusion_config(diffusion_config())

@@ -6,10 +6,11 @@ from flax import nnx
 
 from experiments import chameleon, registry
 from tfusion import attention, losses
-from tfusion.model.block import BlockContext, SelfAttention
-from tfusion.model.rope import apply_rope, rope_angles
+from tfusion.config import ModelConfig
+from tfusion.model.transformer import BlockContext, SelfAttention
+from tfusion.model.layers import apply_rope, rope_angles
 from tfusion.model.transfusion import Transfusion
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 
 from tests.numpy_reference import numpy_text_nll
 from tests.packed_batches import random_batch, tiny_config
@@ -86,7 +87,7 @@ def _rms_norm(x, scale, eps):
 
 
 def test_qk_norm_is_rmsnorm_of_q_and_k():
-    cfg = registry.get_config("micro_chameleon_w64").model
+    cfg = ModelConfig.of(registry.get_config("micro_chameleon_w64").model)
     attn = SelfAttention(cfg, rngs=nnx.Rngs(1))
     rng = np.random.default_rng(1)
     attn.q_norm.scale[...] = jnp.asarray(rng.uniform(0.5, 2.0, attn.head_dim), jnp.float32)

@@ -17,6 +17,7 @@ def results_for(size):
     return [json.load(open(p)) for p in paths]
 
 
+@pytest.mark.results
 @pytest.mark.parametrize("size", list(paper.PAPER_SIZES))
 def test_compile_result_exists_and_fits(size):
     results = results_for(size)

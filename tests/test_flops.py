@@ -6,7 +6,7 @@ import pytest
 from tests.packed_batches import random_batch, tiny_config
 from tfusion import flops
 from tfusion.attention import attention_mask
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 from tfusion.train.params import init_params
 
 

@@ -6,14 +6,14 @@ import pytest
 from tests.inference_helpers import (TOL, full_forward, random_image, random_tokens,
                                     shared_engine, tiny_engine)
 from tfusion.inference.prompts import layout_prompts
-from tfusion.inference.steps import Block
+from tfusion.inference.steps import CacheColumns
 
 
 def _prefill(engine, prompts, max_len):
     cfg = engine.cfg
     lay = layout_prompts(prompts, engine.latent_shape, cfg.patch_size, cfg.pad_id)
     cache = engine.new_cache(len(prompts), max_len)
-    block = Block(*(jnp.asarray(lay[k]) for k in ("positions", "segment_ids", "slot")))
+    block = CacheColumns(*(jnp.asarray(lay[k]) for k in ("positions", "segment_ids", "slot")))
     images = jnp.asarray(lay["images"]) if lay["images"].shape[1] else None
     logits, cache = engine.prefill(cache, jnp.asarray(lay["tokens"]), block,
                                    jnp.asarray(lay["image_index"]), images)
@@ -38,7 +38,7 @@ def test_cached_text_decoding_matches_full_forward(scan_layers):
     for s in range(steps):
         fed = jnp.asarray([d[-1][2 + s] for d in docs], jnp.int32)
         pos = lengths + s
-        block = Block(jnp.asarray(pos[:, None]), jnp.ones((2, 1), jnp.int32),
+        block = CacheColumns(jnp.asarray(pos[:, None]), jnp.ones((2, 1), jnp.int32),
                       jnp.full((2, 1), -1, jnp.int32))
         keys = engine.keys([0, 1])
         _, logits, cache = engine.text_step(cache, fed[:, None], block, keys, jnp.zeros(2, jnp.int32),
@@ -60,7 +60,7 @@ def test_diffusion_step_matches_full_forward(modality_layer):
     _, cache, lengths = _prefill(engine, prefixes, max_len=24)
     p = engine.patches_per_image
     start = int(cache.index)
-    block = Block(jnp.asarray(lengths[:, None] + np.arange(p)), jnp.ones((2, p), jnp.int32),
+    block = CacheColumns(jnp.asarray(lengths[:, None] + np.arange(p)), jnp.ones((2, p), jnp.int32),
                   jnp.full((2, p), start, jnp.int32))
     x_t = jnp.asarray(np.stack([img.latent for img in noisy]))
     # Twice at the same columns: the second call must not see the first one's k/v twice.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.packed_batches import random_batch, tiny_model_config
-from tfusion import attention
+from tfusion import attention, kernels
 from tfusion.kernels.flash import FlashSettings, flash_attention
 
 
@@ -105,7 +105,7 @@ def test_flash_gpu_lowers_to_triton():
 def test_gpu_compiled_kernels(kernel):
     q, k, v, info, real, ct = _problem(0, 256, 4, 2, head_dim=64, dtype=jnp.bfloat16)
     want = attention.xla_attention(q, k, v, info)
-    got = attention.dot_product_attention(q, k, v, info, kernel=kernel)
+    got = kernels.dot_product_attention(q, k, v, info, kernel=kernel)
     np.testing.assert_allclose(np.asarray(got, np.float32) * real,
                                np.asarray(want, np.float32) * real, atol=3e-2, rtol=3e-2)
 
@@ -115,5 +115,5 @@ def test_tpu_compiled_kernel():
     q, k, v, info, real, ct = _problem(0, 512, 4, 2, head_dim=128, dtype=jnp.bfloat16)
     check = functools.partial(np.testing.assert_allclose, atol=3e-2, rtol=3e-2)
     want = attention.xla_attention(q, k, v, info)
-    got = attention.dot_product_attention(q, k, v, info, kernel="flash_tpu")
+    got = kernels.dot_product_attention(q, k, v, info, kernel="flash_tpu")
     check(np.asarray(got, np.float32) * real, np.asarray(want, np.float32) * real)

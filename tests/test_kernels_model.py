@@ -5,7 +5,7 @@ from flax import nnx
 
 from tests.packed_batches import random_batch, tiny_config
 from tfusion.model.transfusion import Transfusion
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 
 
 def _loss_and_grads(kernel: str, batch):

@@ -6,12 +6,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.packed_batches import tiny_config
 from tests.test_kernels_flash import _problem
-from tfusion import attention, sharding
+from tfusion import kernels, sharding
 from tfusion.config import validate_model_config
 
 
 def test_kernels_are_registered_and_accepted_by_config():
-    assert {"xla", "flash", "flash_tpu", "flash_gpu", "cudnn"} <= set(attention.KERNELS)
+    assert {"xla", "flash", "flash_tpu", "flash_gpu", "cudnn"} <= set(kernels.KERNELS)
     for name in ("flash", "flash_tpu", "flash_gpu"):
         validate_model_config(tiny_config(attention_kernel=name).model)
 
@@ -24,8 +24,8 @@ def test_flash_under_mesh_matches_reference():
     def run(kernel):
         def f(q, k, v, info):
             with sharding.activation_sharding(mesh, table):
-                out = attention.dot_product_attention(q, k, v, info, kernel=kernel)
-                grads = jax.grad(lambda q, k, v: jnp.sum(attention.dot_product_attention(
+                out = kernels.dot_product_attention(q, k, v, info, kernel=kernel)
+                grads = jax.grad(lambda q, k, v: jnp.sum(kernels.dot_product_attention(
                     q, k, v, info, kernel=kernel) * ct), argnums=(0, 1, 2))(q, k, v)
             return out, grads
         heads = NamedSharding(mesh, P("data", None, "tensor", None))

@@ -10,7 +10,7 @@ from tests.packed_batches import random_batch, tiny_config, tiny_model_config
 from tfusion import losses
 from tfusion.batch import BatchSpec, assemble_rows
 from tfusion.model.transfusion import Transfusion
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 
 
 def numpy_loss(logits, eps_pred, noise, batch, lam, z=0.0):

@@ -4,7 +4,7 @@ import optax
 import pytest
 
 from tests.packed_batches import random_batch, tiny_config
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 from tfusion.train.params import init_params
 
 

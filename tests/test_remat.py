@@ -7,7 +7,7 @@ from flax import nnx
 from tests.packed_batches import random_batch, tiny_config
 from tfusion.model.transformer import REMAT_POLICIES
 from tfusion.model.transfusion import Transfusion
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 from tfusion.train.params import init_params
 
 

@@ -79,6 +79,7 @@ def test_discrete_params_exclude_unused_image_layers():
             - image_layers)
 
 
+@pytest.mark.results
 def test_committed_cpu_micro_report_fits_both_families():
     """docs/scaling/cpu_micro is the cpu_micro sweep's report (docs/experiments.md)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -88,3 +88,8 @@ def test_reproduction_sweep_runs():
               for r in runs if r.program == "train"}
     assert len(set(tokens.values())) == 1, tokens
     assert os.path.basename(runs[0].name) == sweeps.MICRO_TOKENIZER_RUN
+
+
+def test_report_reads_the_attributes_the_shapes_suite_scores():
+    from tfusion.eval.shapes_scoring import ATTRIBUTES
+    assert reproduction.SHAPES_ATTRIBUTES == ATTRIBUTES

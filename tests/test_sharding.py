@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 from tests.packed_batches import random_batch, tiny_config
+from jax.sharding import NamedSharding, PartitionSpec
+
 from tfusion import sharding
-from tfusion.objective import Objective
 from tfusion.batch import BATCH_NDIMS
-from tfusion.train.grad import make_loss_and_grad
 from tfusion.train.params import init_params
+from tfusion.train.step import Objective, batch_shardings
 
 # Pure data parallelism (data8) runs in the slow suite; fsdp and tensor sharding here.
 MESHES = [pytest.param(dict(data=8, fsdp=1, tensor=1), marks=pytest.mark.slow),
@@ -35,7 +36,15 @@ def test_sharded_matches_single_device(setup, mesh_cfg):
     table = sharding.rule_table()
     graphdef, params = init_params(config.model, mesh, table, seed=0)
     shardings = sharding.state_shardings(params, mesh, table)
-    step = make_loss_and_grad(objective, mesh, table, shardings, BATCH_NDIMS)
+
+    def loss_and_grad(params, batch, rng):
+        with sharding.activation_sharding(mesh, table):
+            return jax.value_and_grad(objective.loss, has_aux=True)(params, batch, rng)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step = jax.jit(loss_and_grad,
+                   in_shardings=(shardings, batch_shardings(mesh, table, BATCH_NDIMS), replicated),
+                   out_shardings=((replicated, replicated), shardings))
     (s_loss, s_aux), s_grads = step(params, batch, rng)
     np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
     np.testing.assert_allclose(s_aux["loss_lm"], aux["loss_lm"], rtol=1e-5)

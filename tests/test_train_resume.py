@@ -56,7 +56,7 @@ def _final_params(workdir):
     assert state_lib.uses_ema(config)  # the EMA is part of what must resume exactly
     tx = optimizer.make_optimizer(config.optimizer)
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    shardings = state_lib.state_shardings(config.model, tx, mesh, sharding.rule_table(),
+    shardings = state_lib.train_state_shardings(config.model, tx, mesh, sharding.rule_table(),
                                           ema=True)
     target = state_lib.abstract_state(config.model, tx, shardings)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)

@@ -29,7 +29,7 @@ def test_train_step_noise_is_independent_of_every_initial_weight():
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     table = sharding.rule_table()
     tx = optimizer.make_optimizer(config.optimizer)
-    shardings = state_lib.state_shardings(config.model, tx, mesh, table)
+    shardings = state_lib.train_state_shardings(config.model, tx, mesh, table)
     _, state = state_lib.init_state(config.model, tx, mesh, table, 0, shardings)
 
     m = config.model

@@ -6,7 +6,7 @@ import pytest
 from tests.packed_batches import random_batch
 from tests.train_fixtures import synthetic_config
 from tfusion import sharding
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 from tfusion.train import optimizer, state as state_lib, step as step_lib
 from tfusion.batch import BATCH_NDIMS
 from tfusion.train.params import abstract_model
@@ -20,7 +20,7 @@ def _setup(mesh_cfg, devices, accum, ema_decay=0.0, **diffusion_fields):
     table = sharding.rule_table()
     tx = optimizer.make_optimizer(config.optimizer)
     schedule = optimizer.learning_rate_schedule(config.optimizer, config.train.steps)
-    shardings = state_lib.state_shardings(config.model, tx, mesh, table, ema=ema_decay > 0)
+    shardings = state_lib.train_state_shardings(config.model, tx, mesh, table, ema=ema_decay > 0)
     graphdef, state = state_lib.init_state(config.model, tx, mesh, table, 0, shardings)
     fn = step_lib.make_train_step(Objective(graphdef, config), tx, schedule, accum, mesh, table,
                                   ema_decay=ema_decay)

@@ -1,4 +1,4 @@
-"""Transfusion attention: mask semantics and one dispatcher over kernels.
+"""Transfusion attention: mask semantics and the dense XLA reference kernel.
 
 Semantics (DESIGN.md): query i may attend key j iff both are in the same
 document (segment id, 0 = padding attends nothing) and j <= i, or i and j are
@@ -8,12 +8,11 @@ patches of the same image (full attention inside an image).
 same kernels serve training (q = k = the whole row) and cached decoding (q = the
 new positions, k = the cache). Kernels receive q, k, v and a MaskInfo and never a
 dense [L, L] mask unless they build one themselves (the XLA reference does).
+The other kernels and the dispatcher by config name live in tfusion/kernels/.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,26 +121,3 @@ def xla_attention(q, k, v, info: MaskInfo, *, scale: float | None = None) -> jax
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     return out.reshape(b, lq, h, dh)
-
-
-AttentionKernel = Callable[..., jax.Array]
-KERNELS: dict[str, AttentionKernel] = {"xla": xla_attention}
-
-
-def register_kernel(name: str, kernel: AttentionKernel) -> None:
-    """Fast paths (cuDNN, splash, Pallas) plug in here under a config name."""
-    KERNELS[name] = kernel
-
-
-def dot_product_attention(q, k, v, info: MaskInfo, *, kernel: str = "xla",
-                          scale: float | None = None) -> jax.Array:
-    """The one entry point the model calls; `kernel` comes from config.model."""
-    try:
-        fn = KERNELS[kernel]
-    except KeyError:
-        raise ValueError(f"unknown attention kernel {kernel!r}; known: {sorted(KERNELS)}")
-    return fn(q, k, v, info, scale=scale)
-
-
-# Last: the kernels package registers its fast paths through register_kernel above.
-import tfusion.kernels  # noqa: E402,F401

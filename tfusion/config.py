@@ -1,18 +1,29 @@
-"""Model, diffusion and loss config (ml_collections) and its start-up validation.
+"""Model, diffusion and loss config: ml_collections defaults and the typed model config.
 
-Experiments (experiments/) build on these defaults; every field is documented
-where it is set. Fields where the paper is silent say what we chose and why.
+Experiments (experiments/) build on these ConfigDict defaults and override them from
+the command line; every field is documented where it is set. Fields where the paper
+is silent say what we chose and why. At the edge the model section becomes a frozen,
+validated `ModelConfig` whose properties are the derived sizes (head_dim, kv_heads,
+mlp_dim, patches_per_image, ...): the model, FLOP counts and inference read those.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_collections
 
+from tfusion import diffusion
+
 MODALITY_LAYERS = ("linear", "unet")
 IMAGE_ATTENTION = ("bidirectional", "causal")
+IMAGE_REPRESENTATIONS = ("continuous", "discrete")
 SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
+# Names only: tfusion/model/transformer.py maps them to jax checkpoint policies and
+# tfusion/kernels/__init__.py to kernels (each checks it covers exactly these).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
+ATTENTION_KERNELS = ("xla", "flash_tpu", "flash_gpu", "flash", "cudnn")
 
 
 class ConfigError(ValueError):
@@ -45,12 +56,13 @@ def model_config() -> ml_collections.ConfigDict:
     c.qk_norm = False  # RMSNorm on q and k per head: only for the Chameleon baseline
     c.init_std = 0.02  # std of normal init of embeddings and projections
     # --- numerics and memory ---
-    c.dtype = "float32"  # compute dtype of activations/matmuls; params stay float32
-    c.param_dtype = "float32"
+    # Compute dtype of activations and matmuls. Params (and Adam state) stay float32:
+    # mixed precision casts them at use.
+    c.dtype = "float32"
     c.scan_layers = True  # lax.scan over stacked layers (fast compile); False unrolls
-    c.remat_policy = "none"  # a key of tfusion/model/transformer.py REMAT_POLICIES; per block
+    c.remat_policy = "none"  # one of REMAT_POLICIES (tfusion/model/transformer.py); per block
     # --- attention ---
-    c.attention_kernel = "xla"  # dispatcher key, see tfusion/attention.py
+    c.attention_kernel = "xla"  # one of ATTENTION_KERNELS (tfusion/kernels/__init__.py)
     # Paper: full attention among the patches of one image. "causal" is the ablation.
     c.image_attention = "bidirectional"
     # --- image modality layers ---
@@ -66,6 +78,15 @@ def model_config() -> ml_collections.ConfigDict:
     c.unet_channels = (640, 1344)  # channels per level, fine to coarse
     c.unet_blocks_per_level = 2  # residual blocks per level
     c.timestep_embed_dim = 256  # sinusoidal features before the timestep MLP (U-Net)
+    # --- how images enter the transformer (docs/experiments.md, "Chameleon baseline") ---
+    # "continuous": Transfusion, VAE latent patches + diffusion loss. "discrete": the
+    # Chameleon-style baseline, VQ code ids as ordinary tokens after the text vocabulary
+    # (ids vocab_size - codebook_size .. vocab_size - 1), LM loss on every token, no
+    # image slots in the batch (M = 0). The trainer needs no switch (an M = 0 batch has
+    # no diffusion term); the data pipeline reads it.
+    c.image_representation = "continuous"
+    c.codebook_size = 0  # discrete: VQ codebook entries appended to the vocabulary
+    c.image_tokens = 0  # discrete: VQ tokens per image (paper: 1024)
     return c
 
 
@@ -117,7 +138,7 @@ def loss_config() -> ml_collections.ConfigDict:
 
 def is_discrete(model_cfg) -> bool:
     """The Chameleon-style baseline: images are VQ code tokens, not latents."""
-    return model_cfg.get("image_representation", "continuous") == "discrete"
+    return getattr(model_cfg, "image_representation", "continuous") == "discrete"
 
 
 def image_token_offset(model_cfg):
@@ -128,53 +149,147 @@ def image_token_offset(model_cfg):
     return int(model_cfg.vocab_size - model_cfg.codebook_size)
 
 
-def validate_model_config(c: ml_collections.ConfigDict, prefix: str = "model") -> None:
-    """Raises ConfigError naming the first bad field."""
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """config.model, typed and validated (ConfigError naming the field) on construction.
 
-    def fail(field, msg):
-        raise ConfigError(f"{prefix}.{field}", msg)
+    Fields are model_config()'s (documented there); `ModelConfig.of(config.model)`
+    converts. Frozen and hashable, so jitted functions can take it as a static argument.
+    """
+    vocab_size: int
+    pad_id: int
+    width: int
+    depth: int
+    num_heads: int
+    num_kv_heads: int  # 0 = num_heads
+    mlp_hidden: int  # 0 = Llama's rule
+    rope_theta: float
+    norm_eps: float
+    tie_embeddings: bool
+    qk_norm: bool
+    init_std: float
+    dtype: str
+    scan_layers: bool
+    remat_policy: str
+    attention_kernel: str
+    image_attention: str
+    latent_height: int
+    latent_width: int
+    latent_channels: int
+    patch_size: int
+    modality_layer: str
+    unet_channels: tuple
+    unet_blocks_per_level: int
+    timestep_embed_dim: int
+    image_representation: str
+    codebook_size: int
+    image_tokens: int
 
-    for field in ("vocab_size", "width", "depth", "num_heads", "latent_height",
-                  "latent_width", "latent_channels", "patch_size"):
-        if not isinstance(c[field], int) or c[field] <= 0:
-            fail(field, f"must be a positive int, got {c[field]!r}")
-    if c.width % c.num_heads:
-        fail("width", f"{c.width} is not divisible by num_heads={c.num_heads}")
-    if (c.width // c.num_heads) % 2:
-        fail("num_heads", f"head dim {c.width // c.num_heads} must be even for RoPE")
-    kv = c.num_kv_heads or c.num_heads
-    if kv < 0 or c.num_heads % kv:
-        fail("num_kv_heads", f"{c.num_kv_heads} must divide num_heads={c.num_heads}")
-    if c.mlp_hidden < 0:
-        fail("mlp_hidden", f"must be >= 0, got {c.mlp_hidden}")
-    if not 0 <= c.pad_id < c.vocab_size:
-        fail("pad_id", f"{c.pad_id} is outside the vocabulary [0, {c.vocab_size})")
-    for field in ("latent_height", "latent_width"):
-        if c[field] % c.patch_size:
-            fail("patch_size", f"{c.patch_size} does not divide {field}={c[field]}")
-    if c.modality_layer not in MODALITY_LAYERS:
-        fail("modality_layer", f"unknown {c.modality_layer!r}; choose from {MODALITY_LAYERS}")
-    if c.modality_layer == "unet":
-        if c.patch_size & (c.patch_size - 1):
-            fail("patch_size", f"U-Net downsamples by 2 per level; {c.patch_size} is not a power of 2")
-        levels = int(math.log2(c.patch_size)) + 1
-        if len(c.unet_channels) != levels:
-            fail("unet_channels", f"needs log2(patch_size)+1 = {levels} levels, got "
-                                  f"{len(c.unet_channels)}")
-        if any(ch % 32 for ch in c.unet_channels):
-            fail("unet_channels", "each level's channels must be a multiple of 32")
-    from tfusion.model.transformer import REMAT_POLICIES  # late: the model imports config
-    if c.remat_policy not in REMAT_POLICIES:
-        fail("remat_policy", f"unknown {c.remat_policy!r}; choose from {tuple(REMAT_POLICIES)}")
-    if c.image_attention not in IMAGE_ATTENTION:
-        fail("image_attention", f"unknown {c.image_attention!r}; choose from {IMAGE_ATTENTION}")
-    for field in ("dtype", "param_dtype"):
-        if c[field] not in DTYPES:
-            fail(field, f"unknown {c[field]!r}; choose from {DTYPES}")
-    from tfusion import attention  # late: attention registers kernels at import
-    if c.attention_kernel not in attention.KERNELS:
-        fail("attention_kernel", f"unknown {c.attention_kernel!r}; choose from "
-                                 f"{tuple(attention.KERNELS)}")
+    @classmethod
+    def of(cls, model_cfg, prefix: str = "model") -> "ModelConfig":
+        """From a ConfigDict (or a mapping); a ModelConfig is returned as is."""
+        if isinstance(model_cfg, cls):
+            return model_cfg
+        values = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+        names = {f.name for f in dataclasses.fields(cls)}
+        for field in sorted(set(values) - names):
+            raise ConfigError(f"{prefix}.{field}", f"unknown field; known: {sorted(names)}")
+        for field in sorted(names - set(values)):
+            raise ConfigError(f"{prefix}.{field}", "missing (see tfusion/config.py model_config)")
+        values["unet_channels"] = tuple(values["unet_channels"])
+        config = cls(**values)
+        config.validate(prefix)
+        return config
+
+    def to_dict(self) -> dict:
+        """The fields as a plain dict (what config.json and checkpoints record)."""
+        return dataclasses.asdict(self)
+
+    # --- derived sizes ---
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.mlp_hidden or llama_mlp_hidden(self.width)
+
+    @property
+    def grid_h(self) -> int:
+        return self.latent_height // self.patch_size
+
+    @property
+    def grid_w(self) -> int:
+        return self.latent_width // self.patch_size
+
+    @property
+    def patches_per_image(self) -> int:
+        return self.grid_h * self.grid_w
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * self.latent_channels
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.latent_height, self.latent_width, self.latent_channels
+
+    # --- validation ---
+
+    def validate(self, prefix: str = "model") -> None:
+        """Raises ConfigError naming the first bad field."""
+
+        def fail(field, msg):
+            raise ConfigError(f"{prefix}.{field}", msg)
+
+        for field in ("vocab_size", "width", "depth", "num_heads", "latent_height",
+                      "latent_width", "latent_channels", "patch_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                fail(field, f"must be a positive int, got {value!r}")
+        if self.width % self.num_heads:
+            fail("width", f"{self.width} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            fail("num_heads", f"head dim {self.head_dim} must be even for RoPE")
+        if self.num_kv_heads < 0 or self.num_heads % self.kv_heads:
+            fail("num_kv_heads", f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
+        if self.mlp_hidden < 0:
+            fail("mlp_hidden", f"must be >= 0, got {self.mlp_hidden}")
+        if not 0 <= self.pad_id < self.vocab_size:
+            fail("pad_id", f"{self.pad_id} is outside the vocabulary [0, {self.vocab_size})")
+        for field in ("latent_height", "latent_width"):
+            if getattr(self, field) % self.patch_size:
+                fail("patch_size", f"{self.patch_size} does not divide "
+                                   f"{field}={getattr(self, field)}")
+        if self.modality_layer not in MODALITY_LAYERS:
+            fail("modality_layer", f"unknown {self.modality_layer!r}; choose from "
+                                   f"{MODALITY_LAYERS}")
+        if self.modality_layer == "unet":
+            if self.patch_size & (self.patch_size - 1):
+                fail("patch_size", f"U-Net downsamples by 2 per level; {self.patch_size} "
+                                   "is not a power of 2")
+            levels = int(math.log2(self.patch_size)) + 1
+            if len(self.unet_channels) != levels:
+                fail("unet_channels", f"needs log2(patch_size)+1 = {levels} levels, got "
+                                      f"{len(self.unet_channels)}")
+            if any(ch % 32 for ch in self.unet_channels):
+                fail("unet_channels", "each level's channels must be a multiple of 32")
+        choices = dict(remat_policy=REMAT_POLICIES, image_attention=IMAGE_ATTENTION,
+                       dtype=DTYPES, attention_kernel=ATTENTION_KERNELS,
+                       image_representation=IMAGE_REPRESENTATIONS)
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                fail(field, f"unknown {getattr(self, field)!r}; choose from {allowed}")
+
+
+def validate_model_config(c, prefix: str = "model") -> ModelConfig:
+    """Raises ConfigError naming the first bad field; returns the typed config."""
+    return ModelConfig.of(c, prefix)
 
 
 def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffusion") -> None:
@@ -193,15 +308,13 @@ def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffu
         fail("loss_weight", f"must be >= 0, got {c.loss_weight}")
     if not 0 < c.sample_steps <= c.num_train_steps:
         fail("sample_steps", f"{c.sample_steps} outside (0, {c.num_train_steps}]")
-    from tfusion import diffusion  # late: diffusion is light, but keeps config import-free
-    from tfusion.inference.diffusion_samplers import SAMPLERS_BY_PROCESS
     choices = dict(process=diffusion.PROCESSES, prediction=diffusion.PREDICTIONS,
                    loss_weighting=diffusion.LOSS_WEIGHTINGS,
                    timestep_sampling=diffusion.TIMESTEP_SAMPLINGS)
     for field, allowed in choices.items():
         if c.get(field) not in allowed:
             fail(field, f"unknown {c.get(field)!r}; choose from {allowed}")
-    samplers = SAMPLERS_BY_PROCESS[c.process]
+    samplers = diffusion.SAMPLERS_BY_PROCESS[c.process]
     if c.sampler not in samplers:
         fail("sampler", f"{c.sampler!r} does not sample process={c.process!r}; choose from "
                         f"{samplers}")
@@ -211,17 +324,3 @@ def validate_diffusion_config(c: ml_collections.ConfigDict, prefix: str = "diffu
         fail("logit_normal_std", f"must be > 0, got {c.logit_normal_std}")
     if not c.schedule_shift > 0:
         fail("schedule_shift", f"must be > 0, got {c.schedule_shift}")
-
-
-def derived(c: ml_collections.ConfigDict) -> dict:
-    """Quantities every module needs, computed once from a model config."""
-    kv = c.num_kv_heads or c.num_heads
-    return dict(
-        head_dim=c.width // c.num_heads,
-        num_kv_heads=kv,
-        mlp_hidden=c.mlp_hidden or llama_mlp_hidden(c.width),
-        grid_h=c.latent_height // c.patch_size,
-        grid_w=c.latent_width // c.patch_size,
-        patches_per_image=(c.latent_height // c.patch_size) * (c.latent_width // c.patch_size),
-        patch_dim=c.patch_size * c.patch_size * c.latent_channels,
-    )

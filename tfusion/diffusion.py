@@ -32,6 +32,8 @@ PROCESSES = ("ddpm", "flow")
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+# The samplers of each process (tfusion/inference/diffusion_samplers.py implements them).
+SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 
 
 # --- ddpm noise schedules ---

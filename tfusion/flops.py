@@ -16,7 +16,9 @@ import dataclasses
 import numpy as np
 
 from tfusion.attention import key_ranges
-from tfusion.config import derived
+from tfusion.config import ModelConfig
+from tfusion.model.transfusion import linear_flops_per_image
+from tfusion.model.unet import unet_flops_per_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,25 +53,22 @@ def executed_stats(batch) -> TokenStats:
 
 def block_matmul_params(model_cfg) -> int:
     """Weights one position multiplies through in one block (q, k, v, out, SwiGLU)."""
-    d = derived(model_cfg)
-    qkv = model_cfg.width * (model_cfg.num_heads + 2 * d["num_kv_heads"]) * d["head_dim"]
-    out = model_cfg.num_heads * d["head_dim"] * model_cfg.width
-    return qkv + out + 3 * model_cfg.width * d["mlp_hidden"]
+    m = ModelConfig.of(model_cfg)
+    qkv = m.width * (m.num_heads + 2 * m.kv_heads) * m.head_dim
+    out = m.num_heads * m.head_dim * m.width
+    return qkv + out + 3 * m.width * m.mlp_dim
 
 
 def modality_flops_per_image(model_cfg) -> int:
-    if model_cfg.modality_layer == "unet":
-        from tfusion.model.unet import unet_flops_per_image
-        return unet_flops_per_image(model_cfg)
-    from tfusion.model.linear_patch import linear_flops_per_image
-    return linear_flops_per_image(model_cfg)
+    m = ModelConfig.of(model_cfg)
+    return unet_flops_per_image(m) if m.modality_layer == "unet" else linear_flops_per_image(m)
 
 
 def forward_flops(model_cfg, stats: TokenStats) -> float:
-    d = derived(model_cfg)
+    model_cfg = ModelConfig.of(model_cfg)
     dense = 2 * model_cfg.depth * block_matmul_params(model_cfg) * stats.tokens
     # q.k and p.v: 2 FLOPs per multiply-add, head_dim each, per head, per pair.
-    attention = model_cfg.depth * 2 * 2 * model_cfg.num_heads * d["head_dim"] * stats.attended_pairs
+    attention = model_cfg.depth * 2 * 2 * model_cfg.num_heads * model_cfg.head_dim * stats.attended_pairs
     lm_head = 2 * model_cfg.width * model_cfg.vocab_size * stats.lm_positions
     modality = modality_flops_per_image(model_cfg) * stats.images
     return float(dense + attention + lm_head + modality)
@@ -77,7 +76,7 @@ def forward_flops(model_cfg, stats: TokenStats) -> float:
 
 def train_step_flops(model_cfg, batch) -> float:
     """Useful training FLOPs of one step on this (global) batch."""
-    stats = batch_stats(batch, derived(model_cfg)["patches_per_image"])
+    stats = batch_stats(batch, ModelConfig.of(model_cfg).patches_per_image)
     return 3.0 * forward_flops(model_cfg, stats)
 
 

@@ -15,7 +15,7 @@ from flax import nnx
 
 from tfusion.autoencoders.config import AutoencoderConfig
 from tfusion.autoencoders.encoder_decoder import Decoder, Encoder
-from tfusion.autoencoders.layers import Conv2d
+from tfusion.autoencoders.layers import vae_conv
 
 LOGVAR_RANGE = (-30.0, 20.0)
 
@@ -42,9 +42,9 @@ class AutoencoderKL(nnx.Module):
         self.cfg = cfg
         moments = 2 * cfg.latent_channels
         self.encoder = Encoder(cfg, moments, rngs=rngs, dtype=dtype)
-        self.quant_conv = (Conv2d(moments, moments, size=1, rngs=rngs, dtype=dtype)
+        self.quant_conv = (vae_conv(moments, moments, size=1, rngs=rngs, dtype=dtype)
                            if cfg.use_quant_conv else None)
-        self.post_quant_conv = (Conv2d(cfg.latent_channels, cfg.latent_channels, size=1,
+        self.post_quant_conv = (vae_conv(cfg.latent_channels, cfg.latent_channels, size=1,
                                        rngs=rngs, dtype=dtype)
                                 if cfg.use_post_quant_conv else None)
         self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)

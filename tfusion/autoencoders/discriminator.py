@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from tfusion.autoencoders.layers import Conv2d, GroupNorm
+from tfusion.autoencoders.layers import vae_conv, GroupNorm
 
 _HALVE = ((1, 1), (1, 1))  # 4x4 stride-2 conv with this padding halves H and W exactly
 
@@ -17,14 +17,14 @@ class PatchDiscriminator(nnx.Module):
         convs, norms, c_in = [], [], 3
         for i in range(layers):
             c_out = channels * 2 ** i
-            convs.append(Conv2d(c_in, c_out, size=4, stride=2, padding=_HALVE, rngs=rngs))
+            convs.append(vae_conv(c_in, c_out, size=4, stride=2, padding=_HALVE, rngs=rngs))
             # No norm on the first layer (PatchGAN); GroupNorm, not BatchNorm, so the
             # discriminator is a pure function of its params.
             norms.append(GroupNorm(groups, c_out) if i else None)
             c_in = c_out
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
-        self.head = Conv2d(c_in, 1, rngs=rngs)
+        self.head = vae_conv(c_in, 1, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = images

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from tfusion.autoencoders.config import AutoencoderConfig
-from tfusion.autoencoders.layers import Conv2d, GroupNorm, MidBlock, ResolutionBlock
+from tfusion.autoencoders.layers import vae_conv, GroupNorm, MidBlock, ResolutionBlock
 
 
 class Encoder(nnx.Module):
@@ -20,7 +20,7 @@ class Encoder(nnx.Module):
     def __init__(self, cfg: AutoencoderConfig, out_channels: int, *, rngs: nnx.Rngs,
                  dtype: str = "float32"):
         widths, groups = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.in_channels, widths[0], rngs=rngs, dtype=dtype)
+        self.conv_in = vae_conv(cfg.in_channels, widths[0], rngs=rngs, dtype=dtype)
         blocks, c_in = [], widths[0]
         for level, width in enumerate(widths):
             last = level == len(widths) - 1
@@ -31,7 +31,7 @@ class Encoder(nnx.Module):
         self.mid_block = MidBlock(widths[-1], groups, cfg.mid_block_add_attention,
                                   rngs=rngs, dtype=dtype)
         self.conv_norm_out = GroupNorm(groups, widths[-1], dtype)
-        self.conv_out = Conv2d(widths[-1], out_channels, rngs=rngs, dtype=dtype)
+        self.conv_out = vae_conv(widths[-1], out_channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = self.conv_in(images)
@@ -46,7 +46,7 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: AutoencoderConfig, *, rngs: nnx.Rngs, dtype: str = "float32"):
         widths, groups = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.latent_channels, widths[0], rngs=rngs, dtype=dtype)
+        self.conv_in = vae_conv(cfg.latent_channels, widths[0], rngs=rngs, dtype=dtype)
         self.mid_block = MidBlock(widths[0], groups, cfg.mid_block_add_attention,
                                   rngs=rngs, dtype=dtype)
         blocks, c_in = [], widths[0]
@@ -57,7 +57,7 @@ class Decoder(nnx.Module):
             c_in = width
         self.up_blocks = nnx.List(blocks)
         self.conv_norm_out = GroupNorm(groups, widths[-1], dtype)
-        self.conv_out = Conv2d(widths[-1], cfg.out_channels, rngs=rngs, dtype=dtype)
+        self.conv_out = vae_conv(widths[-1], cfg.out_channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, latents: jax.Array) -> jax.Array:
         x = self.mid_block(self.conv_in(latents))

@@ -11,31 +11,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tfusion.model.layers import Dense, dtype_of, make_param
+from tfusion.model.layers import Conv, Dense, dtype_of
 
 # Autoencoders are small next to the backbone: their axes are replicated (sharding.py).
 CONV_AXES = ("conv_h", "conv_w", "vae_in", "vae_out")
 EPS = 1e-6  # diffusers' VAE eps for every GroupNorm
 
 
-class Conv2d(nnx.Module):
-    """size x size convolution with bias; `padding` is ((top, bottom), (left, right))."""
-
-    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs, size: int = 3,
-                 stride: int = 1, padding=None, dtype: str = "float32"):
-        self.kernel = make_param(rngs, (size, size, c_in, c_out), CONV_AXES,
-                                 (size * size * c_in) ** -0.5)
-        self.bias = make_param(rngs, (c_out,), ("vae_out",), None)
-        pad = size // 2
-        self.padding = ((pad, pad), (pad, pad)) if padding is None else padding
-        self.stride, self.dtype = stride, dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = dtype_of(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dt), self.kernel[...].astype(dt), (self.stride, self.stride),
-            self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + self.bias[...].astype(dt)
+def vae_conv(c_in: int, c_out: int, *, rngs: nnx.Rngs, size: int = 3, stride: int = 1,
+             padding=None, dtype: str = "float32") -> Conv:
+    """size x size convolution with bias and the autoencoders' axis names; `padding` is
+    ((top, bottom), (left, right)), default 'same'."""
+    return Conv(c_in, c_out, CONV_AXES, rngs=rngs, size=size, stride=stride, padding=padding,
+                dtype=dtype)
 
 
 class GroupNorm(nnx.Module):
@@ -58,10 +46,10 @@ class ResnetBlock(nnx.Module):
 
     def __init__(self, c_in: int, c_out: int, groups: int, *, rngs: nnx.Rngs, dtype: str):
         self.norm1 = GroupNorm(groups, c_in, dtype)
-        self.conv1 = Conv2d(c_in, c_out, rngs=rngs, dtype=dtype)
+        self.conv1 = vae_conv(c_in, c_out, rngs=rngs, dtype=dtype)
         self.norm2 = GroupNorm(groups, c_out, dtype)
-        self.conv2 = Conv2d(c_out, c_out, rngs=rngs, dtype=dtype)
-        self.conv_shortcut = (Conv2d(c_in, c_out, size=1, rngs=rngs, dtype=dtype)
+        self.conv2 = vae_conv(c_out, c_out, rngs=rngs, dtype=dtype)
+        self.conv_shortcut = (vae_conv(c_in, c_out, size=1, rngs=rngs, dtype=dtype)
                               if c_in != c_out else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -96,7 +84,7 @@ class Downsample(nnx.Module):
     """Stride-2 conv3x3 after padding one row/column at the bottom/right (diffusers)."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: str):
-        self.conv = Conv2d(channels, channels, stride=2, padding=((0, 1), (0, 1)),
+        self.conv = vae_conv(channels, channels, stride=2, padding=((0, 1), (0, 1)),
                            rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,7 +95,7 @@ class Upsample(nnx.Module):
     """Nearest-neighbour x2, then conv3x3."""
 
     def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype: str):
-        self.conv = Conv2d(channels, channels, rngs=rngs, dtype=dtype)
+        self.conv = vae_conv(channels, channels, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))

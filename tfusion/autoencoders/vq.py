@@ -17,7 +17,7 @@ from flax import nnx
 
 from tfusion.autoencoders.config import AutoencoderConfig
 from tfusion.autoencoders.encoder_decoder import Decoder, Encoder
-from tfusion.autoencoders.layers import Conv2d
+from tfusion.autoencoders.layers import vae_conv
 
 COMMITMENT_BETA = 0.25
 
@@ -73,9 +73,9 @@ class VQModel(nnx.Module):
         self.cfg = cfg
         dim = cfg.code_dim
         self.encoder = Encoder(cfg, cfg.latent_channels, rngs=rngs, dtype=dtype)
-        self.quant_conv = Conv2d(cfg.latent_channels, dim, size=1, rngs=rngs, dtype=dtype)
+        self.quant_conv = vae_conv(cfg.latent_channels, dim, size=1, rngs=rngs, dtype=dtype)
         self.quantize = Codebook(cfg.num_vq_embeddings, dim, rngs=rngs)
-        self.post_quant_conv = Conv2d(dim, cfg.latent_channels, size=1, rngs=rngs, dtype=dtype)
+        self.post_quant_conv = vae_conv(dim, cfg.latent_channels, size=1, rngs=rngs, dtype=dtype)
         self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
 
     def encode_z(self, images: jax.Array) -> jax.Array:

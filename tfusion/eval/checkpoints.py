@@ -102,7 +102,7 @@ def load_model(workdir: str, step: Optional[int] = None, config=None, params: st
         tx = optimizer.make_optimizer(config.optimizer)
         ema = state_lib.uses_ema(config)
         target = state_lib.abstract_state(
-            config.model, tx, state_lib.state_shardings(config.model, tx, mesh, table, ema=ema))
+            config.model, tx, state_lib.train_state_shardings(config.model, tx, mesh, table, ema=ema))
         try:
             state, _ = checkpointer.restore(step, target)
         except Exception as e:  # orbax/tensorstore raise many types for broken files

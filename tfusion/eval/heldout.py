@@ -78,8 +78,11 @@ class HeldoutEvaluator:
     """
 
     def __init__(self, graphdef, config, fractions: Optional[Sequence[float]] = None,
-                 model_fn: Callable | None = None, out_shardings=None):
-        self.process = diffusion.NoiseProcess(config.diffusion)
+                 model_fn: Callable | None = None, out_shardings=None,
+                 process: diffusion.NoiseProcess | None = None):
+        """process: the run's noise process (the trainer passes its objective's; built
+        from config.diffusion if None)."""
+        self.process = process or diffusion.NoiseProcess(config.diffusion)
         self.fractions = tuple(fractions if fractions is not None else DEFAULT_FRACTIONS)
         self.times = self.process.bucket_times(self.fractions)
         self.image_token_offset = image_token_offset(config.model)

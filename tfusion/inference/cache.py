@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from tfusion import attention
-from tfusion.config import derived
+from tfusion.config import ModelConfig
 from tfusion.sharding import constrain
 
 KV_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
@@ -42,10 +42,9 @@ class KVCache:
         return dataclasses.replace(self, index=self.index + n)
 
 
-def init_cache(cfg, batch_size: int, max_len: int) -> KVCache:
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache in the model's compute dtype (call inside jit to shard it)."""
-    d = derived(cfg)
-    shape = (cfg.depth, batch_size, max_len, d["num_kv_heads"], d["head_dim"])
+    shape = (cfg.depth, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
     kv = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     ids = jnp.zeros((batch_size, max_len), jnp.int32)
     return constrain_cache(KVCache(kv, kv, ids, ids - 1, jnp.zeros((), jnp.int32)))

@@ -26,7 +26,7 @@ import numpy as np
 
 from tfusion import diffusion
 
-SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLERS_BY_PROCESS = diffusion.SAMPLERS_BY_PROCESS
 SAMPLERS = SAMPLERS_BY_PROCESS["ddpm"] + SAMPLERS_BY_PROCESS["flow"]
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfusion import diffusion
-from tfusion.config import ConfigError, derived, image_token_offset, is_discrete
+from tfusion.config import ConfigError, image_token_offset, is_discrete
 from tfusion.inference import cache as cache_lib
 from tfusion.inference import diffusion_samplers as samplers, steps
 from tfusion.sharding import activation_sharding, rule_table, state_shardings
@@ -30,17 +30,16 @@ class Engine:
         self.code_offset = image_token_offset(self.cfg)
         self.discrete = is_discrete(self.cfg)
         self.diffusion_cfg = diffusion_cfg
-        self.patches_per_image = derived(self.cfg)["patches_per_image"]
-        self.latent_shape = (self.cfg.latent_height, self.cfg.latent_width,
-                             self.cfg.latent_channels)
+        self.patches_per_image = self.cfg.patches_per_image
+        self.latent_shape = self.cfg.latent_shape
         if self.discrete:  # codes come out as [h, w, 1]: square when image_tokens is
             side = math.isqrt(self.cfg.image_tokens)
             self.code_grid = ((side, side, 1) if side * side == self.cfg.image_tokens
                               else (1, self.cfg.image_tokens, 1))
         self.mesh, self.table = mesh, rule_table(rules)
         self.graphdef, state = nnx.split(model)
-        # Same class + config = same graph structure; configs are not hashable.
-        self._structure = (type(model), self.cfg.to_json_best_effort(sort_keys=True))
+        # Same class + config = same graph structure (ModelConfig is frozen, hashable).
+        self._structure = (type(model), self.cfg)
         # On the device once: numpy params (a checkpoint read with device_get) would
         # otherwise be copied in by every jitted call, 250 times per image.
         self.state = jax.device_put(

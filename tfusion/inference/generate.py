@@ -28,7 +28,7 @@ from tfusion.batch import ImageSegment
 from tfusion.inference.engine import Engine
 from tfusion.inference.options import GenerationOptions, SpecialTokens
 from tfusion.inference.prompts import as_document, codes_as_tokens, layout_prompts
-from tfusion.inference.steps import Block
+from tfusion.inference.steps import CacheColumns
 
 
 @dataclasses.dataclass
@@ -148,12 +148,12 @@ class _Loop:
         self.image_cost = (2 if rows.guided else 0) + engine.image_columns
         self.logits = None  # [R, V] at each row's last column, from the last text feed
 
-    def _block(self, live: np.ndarray, width: int, slot: int = -1) -> Block:
+    def _block(self, live: np.ndarray, width: int, slot: int = -1) -> CacheColumns:
         r = self.rows
         positions = np.where(live[:, None], r.pos[:, None] + np.arange(width), 0)
         segments = np.where(live[:, None], r.seg[:, None], 0).repeat(width, axis=1)
         slots = np.where(live[:, None], slot, -1).repeat(width, axis=1)
-        return Block(*(jnp.asarray(a, jnp.int32) for a in (positions, segments, slots)))
+        return CacheColumns(*(jnp.asarray(a, jnp.int32) for a in (positions, segments, slots)))
 
     def _banned(self, width: int) -> jnp.ndarray:
         """Ids a row may not sample after writing `width` more columns."""
@@ -164,7 +164,7 @@ class _Loop:
         banned[:, s.boi] = ~((r.images < r.image_limit) & room)
         return jnp.asarray(banned)
 
-    def _feed(self, tokens, block: Block, live: np.ndarray, image_index=None, images=None):
+    def _feed(self, tokens, block: CacheColumns, live: np.ndarray, image_index=None, images=None):
         """Writes a block of tokens, samples every live row's next token."""
         o, r = self.options, self.rows
         nxt, self.logits, self.cache = self.engine.text_step(
@@ -178,7 +178,7 @@ class _Loop:
         r = self.rows
         pad_rows = self.n - r.b  # the unconditional twins write nothing yet
         extend = lambda a, v: np.concatenate([a, np.full((pad_rows,) + a.shape[1:], v, a.dtype)])
-        block = Block(*(jnp.asarray(extend(lay[k], v)) for k, v in
+        block = CacheColumns(*(jnp.asarray(extend(lay[k], v)) for k, v in
                         (("positions", 0), ("segment_ids", 0), ("slot", -1))))
         images = None
         if lay["images"].shape[1]:
@@ -215,7 +215,7 @@ class _Loop:
         self._feed(tokens, self._block(r.cond_only(live), 1), live)
         r.pos[:r.b] += live
 
-    def _denoise(self, x, counters, block: Block, bar):
+    def _denoise(self, x, counters, block: CacheColumns, bar):
         """All K sampling steps of one image phase, in chunks of options.steps_per_call
         compiled steps (one program per chunk); the progress bar moves per chunk.
         Returns the clean x; self.cache ends holding the last step's image columns."""

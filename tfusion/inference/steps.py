@@ -24,7 +24,7 @@ TEXT_STREAM, IMAGE_STREAM = 0, 1
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Block:
+class CacheColumns:
     """Where L new columns go, per row: int32 [R, L] each. segment 0 = dummy write."""
 
     positions: jax.Array
@@ -42,7 +42,7 @@ def embed_prompt(model, tokens, image_index, images):
     return model.mix_inputs(tokens, image_index, patch_emb)
 
 
-def prefill(model, cache: KVCache, tokens, block: Block, image_index=None, images=None):
+def prefill(model, cache: KVCache, tokens, block: CacheColumns, image_index=None, images=None):
     """Writes a (left-padded) block of text and clean images; commits it.
 
     Returns (float32 logits [R, V] at the block's last column, cache).
@@ -58,7 +58,7 @@ def row_keys(keys, stream: int, counters):
         keys, counters)
 
 
-def text_step(model, cache: KVCache, tokens, block: Block, keys, counters, banned,
+def text_step(model, cache: KVCache, tokens, block: CacheColumns, keys, counters, banned,
               temperature, top_p, image_index=None, images=None, *, top_k: int):
     """Feeds a block of tokens [R, L] (a prompt, or one token per row) and samples
     each row's next token with the row's draw number `counters` [R].
@@ -72,7 +72,7 @@ def text_step(model, cache: KVCache, tokens, block: Block, keys, counters, banne
     return next_tokens, logits, cache
 
 
-def code_step(model, cache: KVCache, logits, keys, counters, block: Block, offset,
+def code_step(model, cache: KVCache, logits, keys, counters, block: CacheColumns, offset,
               cfg_scale, temperature, top_p, *, top_k: int, guided: bool, codebook_size: int):
     """One VQ code of the discrete baseline's image: sample, then feed it.
 
@@ -97,7 +97,7 @@ def code_step(model, cache: KVCache, logits, keys, counters, block: Block, offse
     return tokens - offset, next_logits, cache
 
 
-def image_block(model, cache: KVCache, x_t, t, block: Block):
+def image_block(model, cache: KVCache, x_t, t, block: CacheColumns):
     """Runs P patches of latents x_t [R, H, W, C] at steps t [R] against the cache.
 
     Returns (final hidden [R, P, D], modality skips, cache with the block's k/v
@@ -109,7 +109,7 @@ def image_block(model, cache: KVCache, x_t, t, block: Block):
     return hidden, skips, cache
 
 
-def predict(model, cache: KVCache, x_t, t, block: Block):
+def predict(model, cache: KVCache, x_t, t, block: CacheColumns):
     """The model's image output float32 [R, H, W, C] (eps, v or x0, as trained) at model
     times t [R] (cache columns overwritten)."""
     hidden, skips, cache = image_block(model, cache, x_t, t, block)
@@ -122,7 +122,7 @@ def initial_noise(keys, image_counters, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def guided_denoise(model, cache, x, model_time, a, s, block: Block, cfg_scale, *,
+def guided_denoise(model, cache, x, model_time, a, s, block: CacheColumns, cfg_scale, *,
                    guided: bool, prediction: str, process: str, clip):
     """(x0, eps) of x [B, H, W, C] at one level; with `guided`, rows are [conditional B;
     unconditional B] sharing x and the guided output is converted."""
@@ -135,7 +135,7 @@ def guided_denoise(model, cache, x, model_time, a, s, block: Block, cfg_scale, *
     return samplers.denoised(pred, x, a, s, prediction, process, clip), cache
 
 
-def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Block,
+def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: CacheColumns,
                    schedule: samplers.Schedule, cfg_scale, *, sampler: str, guided: bool,
                    prediction: str = "eps", process: str = "ddpm",
                    clip: float | None = None):
@@ -165,7 +165,7 @@ def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: Blo
 
 
 def diffusion_steps(model, cache: KVCache, x, first, count, keys, image_counters,
-                    block: Block, schedule: samplers.Schedule, cfg_scale, **step_options):
+                    block: CacheColumns, schedule: samplers.Schedule, cfg_scale, **step_options):
     """Sampling steps first, first - 1, ..., first - count + 1 as one program.
 
     A `lax.fori_loop` over diffusion_step: one dispatch for the whole chunk instead of
@@ -181,7 +181,7 @@ def diffusion_steps(model, cache: KVCache, x, first, count, keys, image_counters
     return jax.lax.fori_loop(0, count, body, (x, cache))
 
 
-def commit_image(model, cache: KVCache, x0, block: Block):
+def commit_image(model, cache: KVCache, x0, block: CacheColumns):
     """Writes the finished image (t = 0, like a prompt image) into the cache; commits it."""
     t = jnp.zeros((x0.shape[0],), jnp.int32)
     _, _, cache = image_block(model, cache, x0, t, block)

@@ -1,20 +1,21 @@
-"""Fast attention kernels. Importing this package (tfusion.attention does) registers
-them in attention.KERNELS under the names config.model.attention_kernel accepts:
+"""Attention kernels by the name config.model.attention_kernel gives, and the one entry
+point the model calls (`dot_product_attention`):
 
+  xla        dense masked attention in plain XLA (tfusion/attention.py): the default
+             and the reference
   flash_tpu  block-sparse Pallas TPU kernel (interpreted when not on TPU)
   flash_gpu  block-sparse Pallas Triton kernel (interpreted when not on GPU)
   flash      flash_tpu on TPU, flash_gpu on GPU, the dense xla path on CPU
   cudnn      cuDNN with the dense mask (GPU only; a baseline)
-
-"xla" (dense, tfusion/attention.py) stays the default and the reference.
 """
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 
-from tfusion import attention
+from tfusion import attention, config as config_lib
 from tfusion.kernels.cudnn import cudnn_attention
 from tfusion.kernels.flash import FlashSettings, flash_attention
 from tfusion.kernels.sharded import shard_over_mesh
@@ -36,10 +37,24 @@ def flash_kernel(settings: FlashSettings):
 
 def platform_flash(q, k, v, info, *, scale=None):
     name = {"tpu": "flash_tpu", "gpu": "flash_gpu"}.get(jax.default_backend(), "xla")
-    return attention.KERNELS[name](q, k, v, info, scale=scale)
+    return KERNELS[name](q, k, v, info, scale=scale)
 
 
-for _name, _settings in SETTINGS.items():
-    attention.register_kernel(_name, flash_kernel(_settings))
-attention.register_kernel("flash", platform_flash)
-attention.register_kernel("cudnn", cudnn_attention)
+AttentionKernel = Callable[..., jax.Array]
+KERNELS: dict[str, AttentionKernel] = {
+    "xla": attention.xla_attention,
+    **{name: flash_kernel(settings) for name, settings in SETTINGS.items()},
+    "flash": platform_flash,
+    "cudnn": cudnn_attention,
+}
+assert tuple(KERNELS) == config_lib.ATTENTION_KERNELS, "config.ATTENTION_KERNELS is stale"
+
+
+def dot_product_attention(q, k, v, info: attention.MaskInfo, *, kernel: str = "xla",
+                          scale: float | None = None) -> jax.Array:
+    """q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh] -> [B, Lq, H, Dh] with `kernel`."""
+    try:
+        fn = KERNELS[kernel]
+    except KeyError:
+        raise ValueError(f"unknown attention kernel {kernel!r}; known: {sorted(KERNELS)}")
+    return fn(q, k, v, info, scale=scale)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from tfusion.attention import MaskInfo, key_ranges_from_info
-from tfusion.kernels import flash_gpu, flash_tpu
+import tfusion.kernels.flash_gpu as flash_gpu
+import tfusion.kernels.flash_tpu as flash_tpu
 from tfusion.kernels.block_ranges import BlockRanges, pad_ranges
 
 BACKENDS = {"tpu": flash_tpu, "gpu": flash_gpu}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tfusion.kernels import flash_math as fm
+import tfusion.kernels.flash_math as fm
 from tfusion.kernels.block_ranges import BlockRanges
 
 LANES = 128

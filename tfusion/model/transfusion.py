@@ -9,6 +9,9 @@ Forward (training and full-sequence evaluation):
   4. logits come from the LM head at every position; per-image hidden states are
      gathered back at image_start .. image_start + P - 1 and decoded into the
      diffusion prediction (epsilon, v or x0: config.diffusion.prediction).
+
+The paper's `linear` modality layers are here (patchify, add an embedding of t, one
+linear in; one linear out, unpatchify); the U-Net ones are in tfusion/model/unet.py.
 """
 from __future__ import annotations
 
@@ -17,27 +20,58 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tfusion import attention
-from tfusion.config import derived
-from tfusion.model.block import BlockContext
-from tfusion.model.layers import Dense, RMSNorm, dtype_of, make_param
-from tfusion.model.linear_patch import LinearPatchDecoder, LinearPatchEncoder
-from tfusion.model.rope import rope_angles
-from tfusion.model.transformer import Transformer
+from tfusion.config import ModelConfig
+from tfusion.model.layers import (Dense, RMSNorm, TimestepMLP, dtype_of, make_param, patchify,
+                                  rope_angles, unpatchify)
+from tfusion.model.transformer import BlockContext, Transformer
 from tfusion.sharding import constrain
+from tfusion.model.unet import UNetDecoder, UNetEncoder
 
 
-def make_image_layers(cfg, rngs: nnx.Rngs):
+class LinearPatchEncoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.k = cfg.patch_size
+        self.t_embed = TimestepMLP(cfg.timestep_embed_dim, cfg.patch_dim, "patch",
+                                   rngs=rngs, dtype=cfg.dtype)
+        self.proj = Dense(cfg.patch_dim, (cfg.width,), ("patch", "embed"), rngs=rngs,
+                          use_bias=True, dtype=cfg.dtype)
+
+    def __call__(self, latents: jax.Array, t: jax.Array):
+        """latents [N, H, W, C], t [N] -> (patch embeddings [N, P, D], no skips)."""
+        x = patchify(latents, self.k) + self.t_embed(t)[:, None, :]
+        return self.proj(x), ()
+
+
+class LinearPatchDecoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.k, self.h, self.w = cfg.patch_size, cfg.latent_height, cfg.latent_width
+        # Zero init: the untrained model predicts eps = 0, the MSE starts at 1.
+        self.proj = Dense(cfg.width, (cfg.patch_dim,), ("embed", "patch"), rngs=rngs,
+                          std=0.0, use_bias=True, dtype=cfg.dtype)
+
+    def __call__(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
+        """hidden [N, P, D] -> the image prediction [N, H, W, C] in float32."""
+        del skips, t
+        out = self.proj(hidden).astype(jnp.float32)
+        return unpatchify(out, self.k, self.h, self.w)
+
+
+def linear_flops_per_image(cfg: ModelConfig) -> int:
+    """Forward matmul FLOPs of the linear encoder + decoder for one image."""
+    return 2 * 2 * cfg.patches_per_image * cfg.patch_dim * cfg.width
+
+
+def make_image_layers(cfg: ModelConfig, rngs: nnx.Rngs):
     if cfg.modality_layer == "linear":
         return LinearPatchEncoder(cfg, rngs=rngs), LinearPatchDecoder(cfg, rngs=rngs)
-    from tfusion.model.unet import UNetDecoder, UNetEncoder
     return UNetEncoder(cfg, rngs=rngs), UNetDecoder(cfg, rngs=rngs)
 
 
 class Transfusion(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        d = derived(cfg)
-        self.patches_per_image = d["patches_per_image"]
+        """cfg: config.model (a ConfigDict; validated into a ModelConfig) or a ModelConfig."""
+        self.cfg = cfg = ModelConfig.of(cfg)
+        self.patches_per_image = cfg.patches_per_image
         self.embed = make_param(rngs, (cfg.vocab_size, cfg.width), ("vocab", "embed"),
                                 cfg.init_std)
         self.backbone = Transformer(cfg, rngs=rngs)
@@ -82,7 +116,7 @@ class Transfusion(nnx.Module):
             bidirectional_images=self.cfg.image_attention == "bidirectional")
 
     def context(self, positions, mask: attention.MaskInfo, cache_index=None) -> BlockContext:
-        sin, cos = rope_angles(positions, derived(self.cfg)["head_dim"], self.cfg.rope_theta)
+        sin, cos = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
         return BlockContext(sin=sin, cos=cos, mask=mask, cache_index=cache_index)
 
     def mix_inputs(self, tokens, image_index, patch_emb) -> jax.Array:

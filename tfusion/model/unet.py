@@ -34,10 +34,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tfusion.config import derived
-from tfusion.model.layers import Dense, LayerNorm, dtype_of, make_param
-from tfusion.model.linear_patch import TimestepMLP
-from tfusion.model.patches import grid_to_patches, patches_to_grid
+from tfusion.config import ModelConfig
+from tfusion.model.layers import (Conv, Dense, LayerNorm, TimestepMLP, grid_to_patches,
+                                  patches_to_grid)
 
 CONV_AXES = ("conv_h", "conv_w", "unet_in", "unet_out")
 TEMB_MULT = 4  # timestep-embedding width = TEMB_MULT * unet_channels[0] (ADM)
@@ -72,33 +71,20 @@ def decoder_blocks(cfg) -> list[tuple[int, int, int]]:
     return plan
 
 
-class Conv(nnx.Module):
-    """size x size convolution, 'same' padding, optional stride, with bias."""
-
-    def __init__(self, c_in: int, c_out: int, *, rngs: nnx.Rngs, size: int = 3,
-                 stride: int = 1, std: float | None = None, dtype: str = "float32"):
-        std = (size * size * c_in) ** -0.5 if std is None else std
-        self.kernel = make_param(rngs, (size, size, c_in, c_out), CONV_AXES, std)
-        self.bias = make_param(rngs, (c_out,), ("unet_out",), None)
-        self.size, self.stride, self.dtype = size, stride, dtype
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = dtype_of(self.dtype)
-        pad = self.size // 2  # with stride 2 and even H, W this gives exactly H/2, W/2
-        y = jax.lax.conv_general_dilated(
-            x.astype(dt), self.kernel[...].astype(dt), (self.stride, self.stride),
-            ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + self.bias[...].astype(dt)
+def conv3x3(c_in: int, c_out: int, *, rngs: nnx.Rngs, stride: int = 1,
+            std: float | None = None, dtype: str = "float32") -> Conv:
+    """3x3 'same' convolution with the U-Net's axis names."""
+    return Conv(c_in, c_out, CONV_AXES, rngs=rngs, stride=stride, std=std, dtype=dtype)
 
 
 class ResBlock(nnx.Module):
     def __init__(self, c_in: int, c_out: int, temb: int, *, rngs: nnx.Rngs, dtype: str):
         self.norm1 = LayerNorm(c_in, "unet_in", dtype=dtype)
-        self.conv1 = Conv(c_in, c_out, rngs=rngs, dtype=dtype)
+        self.conv1 = conv3x3(c_in, c_out, rngs=rngs, dtype=dtype)
         self.temb_proj = Dense(temb, (c_out,), ("unet_in", "unet_out"), rngs=rngs,
                                use_bias=True, dtype=dtype)
         self.norm2 = LayerNorm(c_out, "unet_in", dtype=dtype)
-        self.conv2 = Conv(c_out, c_out, rngs=rngs, dtype=dtype)
+        self.conv2 = conv3x3(c_out, c_out, rngs=rngs, dtype=dtype)
         self.shortcut = (Dense(c_in, (c_out,), ("unet_in", "unet_out"), rngs=rngs,
                                use_bias=True, dtype=dtype) if c_in != c_out else None)
 
@@ -112,14 +98,14 @@ class ResBlock(nnx.Module):
 
 
 class UNetEncoder(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         chans, dt, temb = tuple(cfg.unet_channels), cfg.dtype, temb_dim(cfg)
         self.n_levels, self.per_level = num_levels(cfg), cfg.unet_blocks_per_level
         self.t_embed = TimestepMLP(cfg.timestep_embed_dim, temb, "unet_in", rngs=rngs, dtype=dt)
-        self.conv_in = Conv(cfg.latent_channels, chans[0], rngs=rngs, dtype=dt)
+        self.conv_in = conv3x3(cfg.latent_channels, chans[0], rngs=rngs, dtype=dt)
         self.blocks = nnx.List([ResBlock(ci, co, temb, rngs=rngs, dtype=dt)
                                 for _, ci, co in encoder_blocks(cfg)])
-        self.downs = nnx.List([Conv(ch, ch, stride=2, rngs=rngs, dtype=dt)
+        self.downs = nnx.List([conv3x3(ch, ch, stride=2, rngs=rngs, dtype=dt)
                                for ch in chans[:-1]])
         self.out_norm = LayerNorm(chans[-1], "unet_in", dtype=dt)
         self.proj = Dense(chans[-1], (cfg.width,), ("unet_in", "embed"), rngs=rngs,
@@ -140,10 +126,9 @@ class UNetEncoder(nnx.Module):
 
 
 class UNetDecoder(nnx.Module):
-    def __init__(self, cfg, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         chans, dt, temb = tuple(cfg.unet_channels), cfg.dtype, temb_dim(cfg)
-        d = derived(cfg)
-        self.grid = (d["grid_h"], d["grid_w"])
+        self.grid = (cfg.grid_h, cfg.grid_w)
         self.n_levels, self.per_level = num_levels(cfg), cfg.unet_blocks_per_level
         self.t_embed = TimestepMLP(cfg.timestep_embed_dim, temb, "unet_in", rngs=rngs, dtype=dt)
         self.proj = Dense(cfg.width, (chans[-1],), ("embed", "unet_out"), rngs=rngs,
@@ -151,9 +136,9 @@ class UNetDecoder(nnx.Module):
         self.blocks = nnx.List([ResBlock(ci, co, temb, rngs=rngs, dtype=dt)
                                 for _, ci, co in decoder_blocks(cfg)])
         # ups[i] follows decoder level n_levels-1-i (levels run from coarse to fine).
-        self.ups = nnx.List([Conv(ch, ch, rngs=rngs, dtype=dt) for ch in chans[:0:-1]])
+        self.ups = nnx.List([conv3x3(ch, ch, rngs=rngs, dtype=dt) for ch in chans[:0:-1]])
         self.out_norm = LayerNorm(chans[0], "unet_in", dtype=dt)
-        self.conv_out = Conv(chans[0], cfg.latent_channels, std=0.0, rngs=rngs, dtype=dt)
+        self.conv_out = conv3x3(chans[0], cfg.latent_channels, std=0.0, rngs=rngs, dtype=dt)
 
     def __call__(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
         """hidden [N, P, D], encoder skips, t [N] -> predicted epsilon [N, H, W, C] f32."""
@@ -186,7 +171,7 @@ def unet_flops_per_image(cfg) -> int:
         return conv(level, ci, co) + conv(level, co, co) + 2 * temb * co + shortcut
 
     t_mlp = 2 * (cfg.timestep_embed_dim * temb + temb * temb)
-    width_proj = 2 * derived(cfg)["patches_per_image"] * chans[-1] * cfg.width
+    width_proj = 2 * cfg.patches_per_image * chans[-1] * cfg.width
     encoder = (t_mlp + conv(0, c_lat, chans[0]) + width_proj
                + sum(res_block(*b) for b in encoder_blocks(cfg))
                + sum(conv(level + 1, chans[level], chans[level]) for level in range(n_levels - 1)))

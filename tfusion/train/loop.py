@@ -23,10 +23,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tfusion import flops, losses, sharding
+from tfusion import diffusion, flops, losses, sharding
 from tfusion.batch import BATCH_NDIMS
 from tfusion.eval.heldout import HeldoutEvaluator
-from tfusion.objective import Objective
+from tfusion.train.step import Objective
 from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
 from tfusion.train.feed import BatchFeed, data_counts
@@ -153,10 +153,12 @@ class Trainer:
         t = config.train
         self.tx = optimizer.make_optimizer(config.optimizer)
         self.schedule = optimizer.learning_rate_schedule(config.optimizer, t.steps)
-        self.state_sh = state_lib.state_shardings(config.model, self.tx, self.mesh, self.table,
+        self.state_sh = state_lib.train_state_shardings(config.model, self.tx, self.mesh, self.table,
                                                   ema=state_lib.uses_ema(config))
         graphdef, _ = abstract_model(config.model)
-        self.objective = Objective(graphdef, config)
+        # One noise process for the objective and the held-out diagnostics.
+        process = diffusion.NoiseProcess(config.diffusion)
+        self.objective = Objective(graphdef, config, process)
         train_step = step_lib.make_train_step(self.objective, self.tx, self.schedule,
                                               t.grad_accum_steps, self.mesh, self.table,
                                               ema_decay=float(t.get("ema_decay", 0.0)))
@@ -165,7 +167,8 @@ class Trainer:
         self.eval_fn = step_lib.make_eval_step(self.objective, self.mesh, self.table,
                                                self.state_sh["params"], BATCH_NDIMS)
         self.diagnostics = HeldoutEvaluator(
-            graphdef, config, out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+            graphdef, config, process=process,
+            out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.train_iterator_fn, self.eval_iterator_fn = train_iterator_fn, eval_iterator_fn
         self.tokenizer, self.final_eval = tokenizer, final_eval
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),

@@ -44,8 +44,8 @@ def uses_ema(config) -> bool:
     return float(config.train.get("ema_decay", 0.0)) > 0.0
 
 
-def state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh,
-                    table: Mapping[str, Any], ema: bool = False) -> dict:
+def train_state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mesh,
+                          table: Mapping[str, Any], ema: bool = False) -> dict:
     """NamedShardings of the whole state: optimizer moments and the EMA follow their
     parameter."""
     graphdef, abstract = abstract_model(model_cfg)

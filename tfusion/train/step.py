@@ -1,4 +1,6 @@
-"""The jitted train step (grad accumulation, non-finite skipping) and eval step.
+"""One train step, read top to bottom: the objective (Transfusion's loss as a pure
+function of the params), gradient accumulation, the optimizer and EMA update with
+non-finite skipping, and the held-out eval step that calls the same objective.
 
 Diffusion t and noise are drawn once for the whole global batch from the step key,
 then microbatches are cut from batch and noise together, so the accumulated step
@@ -16,10 +18,52 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tfusion import losses, sharding
-from tfusion.objective import Objective
-from tfusion.train.grad import batch_shardings
+from flax import nnx
+
+from tfusion import diffusion, losses, sharding
+from tfusion.config import image_token_offset
 from tfusion.train.state import step_key
+
+class Objective:
+    """Binds the static parts (graphdef, noise process, weights) of the Transfusion loss."""
+
+    def __init__(self, graphdef: nnx.GraphDef, config,
+                 process: diffusion.NoiseProcess | None = None):
+        """process: the run's noise process (built from config.diffusion if None); the
+        trainer builds it once and shares it with held-out evaluation."""
+        self.graphdef = graphdef
+        self.process = process or diffusion.NoiseProcess(config.diffusion)
+        self.diffusion_weight = float(config.diffusion.loss_weight)
+        self.z_loss_weight = float(config.get("loss", {}).get("z_loss_weight", 0.0))
+        self.image_token_offset = image_token_offset(config.model)
+
+    def draw_noise(self, batch: dict, rng: jax.Array) -> diffusion.NoiseDraw:
+        """Time, noise, noisy latents and targets for every image slot of the batch."""
+        return self.process.draw(rng, batch["images"], batch["image_t_max"])
+
+    def sums_given_noise(self, params, batch: dict, draw: diffusion.NoiseDraw) -> dict:
+        """Loss sums and counts with the noise fixed (gradient accumulation draws it once
+        for the global batch, then cuts microbatches)."""
+        model = nnx.merge(self.graphdef, params)
+        logits, image_pred = model(batch, draw.noisy, draw.model_t)
+        return losses.transfusion_sums(logits, image_pred, draw.target, batch,
+                                       self.z_loss_weight, self.image_token_offset,
+                                       draw.weight)
+
+    def sums(self, params, batch: dict, rng: jax.Array) -> dict:
+        """Loss sums and counts of one batch; t and noise are drawn here."""
+        return self.sums_given_noise(params, batch, self.draw_noise(batch, rng))
+
+    def loss(self, params, batch: dict, rng: jax.Array):
+        """(scalar loss, aux) for jax.value_and_grad(has_aux=True)."""
+        sums = self.sums(params, batch, rng)
+        values = losses.combine(sums, self.diffusion_weight)
+        return values["loss"], dict(sums=sums, **values)
+
+
+def batch_shardings(mesh: Mesh, table: Mapping[str, Any], batch_ndims: Mapping[str, int]):
+    return {k: sharding.batch_sharding(mesh, table, batch_ndims[k]) for k in batch_ndims}
+
 
 def global_counts(batch: dict) -> dict:
     """Denominators of the global-batch loss; they do not depend on the params."""
