@@ -1,8 +1,8 @@
 """Bad config values fail at start-up with a message naming the field."""
 import pytest
 
-from tfusion.config import (ConfigError, diffusion_config, model_config, validate_diffusion_config,
-                            validate_model_config)
+from tfusion.config import (ConfigError, DiffusionConfig, ModelConfig, diffusion_config,
+                            model_config)
 
 BAD_MODEL = [
     ("width", dict(width=100, num_heads=3), "model.width"),
@@ -26,13 +26,12 @@ def test_bad_model_field_is_named(name, overrides, field):
     c = model_config()
     c.update(overrides)
     with pytest.raises(ConfigError, match=f"^config.{field}:"):
-        validate_model_config(c)
+        ModelConfig.of(c)
 
 
 def test_model_config_is_typed_frozen_and_derives_sizes():
     import dataclasses
 
-    from tfusion.config import ModelConfig
     c = model_config()
     c.update(width=96, num_heads=6, num_kv_heads=2, mlp_hidden=0, latent_height=16,
              latent_width=8, latent_channels=3, patch_size=4)
@@ -49,7 +48,6 @@ def test_model_config_is_typed_frozen_and_derives_sizes():
 
 
 def test_model_config_unknown_and_missing_fields_are_named():
-    from tfusion.config import ModelConfig
     c = model_config()
     with pytest.raises(ConfigError, match="^config.model.widht: unknown field"):
         ModelConfig.of(dict(c.to_dict(), widht=3))
@@ -60,8 +58,8 @@ def test_model_config_unknown_and_missing_fields_are_named():
 
 
 def test_defaults_are_valid():
-    validate_model_config(model_config())
-    validate_diffusion_config(diffusion_config())
+    ModelConfig.of(model_config())
+    DiffusionConfig.of(diffusion_config())
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -69,12 +67,17 @@ def test_defaults_are_valid():
     (dict(schedule="sigmoid"), "diffusion.schedule"),
     (dict(cfg_dropout=1.5), "diffusion.cfg_dropout"),
     (dict(sample_steps=0), "diffusion.sample_steps"),
+    (dict(process="score"), "diffusion.process"),
+    (dict(process="flow", sampler="ddpm"), "diffusion.sampler"),
+    (dict(prediction="noise"), "diffusion.prediction"),
+    (dict(min_snr_gamma=0.0), "diffusion.min_snr_gamma"),
+    (dict(schedule_shift=-1.0), "diffusion.schedule_shift"),
 ])
 def test_bad_diffusion_field_is_named(overrides, field):
     c = diffusion_config()
     c.update(overrides)
     with pytest.raises(ConfigError, match=f"^config.{field}:"):
-        validate_diffusion_config(c)
+        DiffusionConfig.of(c)
 
 
 @pytest.mark.parametrize("value, field", [("discret", "model.image_representation"),
@@ -105,3 +108,29 @@ def test_image_outputs_are_refused_only_without_a_decoder(family):
     config.data.encoder = "precomputed"
     with pytest.raises(ConfigError, match=r"train\.sample_every"):
         validate_train_config(config)
+
+
+def test_diffusion_and_loss_sections_are_typed_and_checked():
+    import dataclasses
+
+    from tfusion.config import LossConfig, loss_config
+    d = DiffusionConfig.of(diffusion_config())
+    assert d == DiffusionConfig() and DiffusionConfig.of(d) is d
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.prediction = "v"
+    with pytest.raises(ConfigError, match="^config.diffusion.sampel_steps: unknown field"):
+        DiffusionConfig.of(dict(diffusion_config().to_dict(), sampel_steps=10))
+    bad = loss_config()
+    bad.z_loss_weight = -1e-5
+    with pytest.raises(ConfigError, match="^config.loss.z_loss_weight:"):
+        LossConfig.of(bad)
+
+
+def test_ml_collections_defaults_are_the_dataclass_defaults():
+    # One place documents each field: the ConfigDict an experiment overrides holds
+    # exactly the dataclass's fields and defaults, so a round trip changes nothing.
+    import dataclasses
+
+    c = model_config()
+    assert ModelConfig.of(c) == ModelConfig()
+    assert set(c.keys()) == {f.name for f in dataclasses.fields(ModelConfig)}

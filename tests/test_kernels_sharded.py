@@ -7,13 +7,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.packed_batches import tiny_config
 from tests.test_kernels_flash import _problem
 from tfusion import kernels, sharding
-from tfusion.config import validate_model_config
+from tfusion.config import ModelConfig
 
 
 def test_kernels_are_registered_and_accepted_by_config():
     assert {"xla", "flash", "flash_tpu", "flash_gpu", "cudnn"} <= set(kernels.KERNELS)
     for name in ("flash", "flash_tpu", "flash_gpu"):
-        validate_model_config(tiny_config(attention_kernel=name).model)
+        ModelConfig.of(tiny_config(attention_kernel=name).model)
 
 
 def test_flash_under_mesh_matches_reference():

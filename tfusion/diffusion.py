@@ -28,12 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PROCESSES = ("ddpm", "flow")
-PREDICTIONS = ("eps", "v", "x0")
-LOSS_WEIGHTINGS = ("none", "min_snr")
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-# The samplers of each process (tfusion/inference/diffusion_samplers.py implements them).
-SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+from tfusion.config import PREDICTIONS, DiffusionConfig
 
 
 # --- ddpm noise schedules ---
@@ -86,7 +81,7 @@ def shift_flow_time(t, shift: float):
 def make_alpha_bar(diffusion_cfg) -> np.ndarray:
     """The ddpm schedule after the log-SNR shift: float64 [T]."""
     return shift_alpha_bar(alphas_cumprod(make_betas(diffusion_cfg)),
-                           float(diffusion_cfg.get("schedule_shift", 1.0)))
+                           float(diffusion_cfg.schedule_shift))
 
 
 # --- exact conversions between what the model may predict ---
@@ -161,16 +156,17 @@ class NoiseProcess:
     """
 
     def __init__(self, diffusion_cfg):
-        d = diffusion_cfg
-        self.process = d.get("process", "ddpm")
-        self.prediction = d.get("prediction", "eps")
+        """diffusion_cfg: a DiffusionConfig or the config.diffusion section (validated)."""
+        d = DiffusionConfig.of(diffusion_cfg)
+        self.process = d.process
+        self.prediction = d.prediction
         self.num_train_steps = int(d.num_train_steps)
-        self.shift = float(d.get("schedule_shift", 1.0))
-        self.timestep_sampling = d.get("timestep_sampling", "uniform")
-        self.logit_mean = float(d.get("logit_normal_mean", 0.0))
-        self.logit_std = float(d.get("logit_normal_std", 1.0))
-        self.loss_weighting = d.get("loss_weighting", "none")
-        self.min_snr_gamma = float(d.get("min_snr_gamma", 5.0))
+        self.shift = float(d.schedule_shift)
+        self.timestep_sampling = d.timestep_sampling
+        self.logit_mean = float(d.logit_normal_mean)
+        self.logit_std = float(d.logit_normal_std)
+        self.loss_weighting = d.loss_weighting
+        self.min_snr_gamma = float(d.min_snr_gamma)
         self.alpha_bar = make_alpha_bar(d) if self.process == "ddpm" else None
 
     # --- time ---

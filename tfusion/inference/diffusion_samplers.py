@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfusion import diffusion
+from tfusion.config import SAMPLERS_BY_PROCESS
 
-SAMPLERS_BY_PROCESS = diffusion.SAMPLERS_BY_PROCESS
 SAMPLERS = SAMPLERS_BY_PROCESS["ddpm"] + SAMPLERS_BY_PROCESS["flow"]
 
 

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flax import nnx
 
 from tfusion import diffusion, losses, sharding
-from tfusion.config import image_token_offset
+from tfusion.config import LossConfig, image_token_offset
 from tfusion.train.state import step_key
 
 class Objective:
@@ -34,7 +34,9 @@ class Objective:
         self.graphdef = graphdef
         self.process = process or diffusion.NoiseProcess(config.diffusion)
         self.diffusion_weight = float(config.diffusion.loss_weight)
-        self.z_loss_weight = float(config.get("loss", {}).get("z_loss_weight", 0.0))
+        # A config without a loss section (data-only examples) gets LossConfig's defaults.
+        loss_cfg = LossConfig.of(config.loss) if "loss" in config else LossConfig()
+        self.z_loss_weight = float(loss_cfg.z_loss_weight)
         self.image_token_offset = image_token_offset(config.model)
 
     def draw_noise(self, batch: dict, rng: jax.Array) -> diffusion.NoiseDraw:

@@ -1,13 +1,12 @@
 """Start-up validation of what the trainer needs from an experiment config (model,
-diffusion, train, optimizer, mesh); errors name the field. config.data is the input
+diffusion, loss, train, optimizer, mesh); errors name the field. config.data is the input
 pipeline's: data_pipelines.validate_data_config, called by launch/train_setup.py."""
 from __future__ import annotations
 
 import jax
 
 from tfusion import sharding
-from tfusion.config import (ConfigError, validate_diffusion_config,
-                            validate_model_config)
+from tfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig
 
 
 def validate_train_config(config) -> None:
@@ -115,9 +114,11 @@ def validate_config(config, num_devices: int | None = None,
     config.data's own fields (sources, encoder, tokenizer) are checked by
     data_pipelines.validate_data_config, which the entry point that builds the input
     pipeline calls after this (launch/train_setup.py validate)."""
-    validate_model_config(config.model)
+    ModelConfig.of(config.model)
     validate_image_representation(config)
-    validate_diffusion_config(config.diffusion)
+    DiffusionConfig.of(config.diffusion)
+    if "loss" in config:
+        LossConfig.of(config.loss)
     validate_train_config(config)
     validate_optimizer_config(config.optimizer)
     validate_mesh_config(config, jax.device_count() if num_devices is None else num_devices,
