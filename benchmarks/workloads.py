@@ -60,7 +60,7 @@ SHAPES = {
                    latent=(16, 16, 4), patch=2, batch=16, fixed_caption=52,
                    mix_caption=(8, 120), mix_images=(1, 2), mix_rows=10, mix_seq_len=320,
                    mix_open_rows=96),
-    # Seconds-long smoke shape (tests/test_benchmarks_smoke.py).
+    # Seconds-long smoke shape (tests/experiments/test_benchmarks_smoke.py).
     "tiny": Shape(width=64, depth=2, heads=4, mlp_hidden=128, vocab=64,
                   latent=(4, 4, 4), patch=2, batch=4, fixed_caption=4,
                   mix_caption=(2, 8), mix_images=(1, 2), mix_rows=2, mix_seq_len=32,

@@ -260,3 +260,30 @@ def test_checker_reports_planted_layering_violations():
         "data_pipelines.pipeline -> data_pipelines.tokenizer -> tfusion.train.loop",
         f"data_pipelines.tokenizer reaches tfusion.train.loop {rule}: "
         "data_pipelines.tokenizer -> tfusion.train.loop"]
+
+
+def imports_of_test_modules(modules: dict[str, Module]) -> list[str]:
+    """'<importer> imports <test module>' for every import of a test_* module: tests
+    share helpers through tests/helpers/, never each other's private functions."""
+    found = []
+    for name, module in sorted(modules.items()):
+        for node in ast.walk(ast.parse(module.source)):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{name} imports {t}" for t in targets
+                      if t.startswith("tests.") and t.rsplit(".", 1)[-1].startswith("test_")]
+    return found
+
+
+def test_tests_import_helpers_not_each_other():
+    modules = read_tree(ROOT, ("tests",))
+    assert "tests.helpers.packed_batches" in modules and "tests.test_layering" in modules
+    assert imports_of_test_modules(modules) == []
+    planted = _tree({"tests": "", "tests.kernels": "",
+                     "tests.kernels.test_sharded": "from tests.kernels.test_flash import _p\n",
+                     "tests.kernels.test_flash": "from tests.helpers import REPO_ROOT\n"})
+    assert imports_of_test_modules(planted) == [
+        "tests.kernels.test_sharded imports tests.kernels.test_flash"]

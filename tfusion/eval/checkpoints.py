@@ -34,6 +34,21 @@ def _tuples(value):
     return value
 
 
+# Fields removed from the configs, with the one value they could hold and keep working
+# the same: a run saved with that value loads without the field; any other value is
+# an error (the run was trained with something this code no longer does).
+RETIRED_FIELDS = {("model", "param_dtype"): "float32"}  # params were always float32
+
+
+def _drop_retired(saved: dict, path: str) -> None:
+    for (section, field), same in RETIRED_FIELDS.items():
+        value = saved.get(section, {}).get(field, same)
+        if value != same:
+            raise ValueError(f"{path}: config.{section}.{field}={value!r} is no longer "
+                             f"supported; runs saved with {same!r} load without it")
+        saved.get(section, {}).pop(field, None)
+
+
 def _merge(defaults: ml_collections.ConfigDict, saved: dict) -> None:
     for key, value in saved.items():
         if isinstance(value, dict) and isinstance(defaults.get(key), ml_collections.ConfigDict):
@@ -54,6 +69,7 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
         raise RunNotFoundError(f"no config.json in {workdir} (not a training run directory?)")
     with open(path) as f:
         saved = _tuples(json.load(f))
+    _drop_retired(saved, path)
     if defaults is None:
         return ml_collections.ConfigDict(saved)
     _merge(defaults, saved)

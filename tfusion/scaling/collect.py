@@ -12,8 +12,8 @@ import json
 import os
 from typing import Callable, Iterable, Optional
 
-import ml_collections
 
+from tfusion.eval.checkpoints import load_config
 from tfusion.scaling import compute
 
 
@@ -68,11 +68,6 @@ def read_eval_files(workdir: str) -> dict:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"eval_{stem}/{key}"] = float(value)
     return out
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(workdir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def read_sweep_run(workdir: str) -> dict:

@@ -22,7 +22,7 @@ def stream_keys(seed: int) -> dict[str, jax.Array]:
     key(seed) by small integers instead collides, because split(k, n)[j] equals
     fold_in(k, j): nnx.Rngs(seed) split its key 1 over the layers, so layer j's
     weights were drawn from the very key train step j drew its timesteps and noise
-    from (tests/test_train_rng.py).
+    from (tests/train/test_train_rng.py).
     """
     keys = jax.random.split(jax.random.key(seed), len(RNG_STREAMS))
     return dict(zip(RNG_STREAMS, keys))

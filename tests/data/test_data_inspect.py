@@ -1,0 +1,22 @@
+"""The inspect CLI prints the pipeline's statistics and draws rows with their text."""
+import subprocess
+import sys
+
+from PIL import Image
+from tests.helpers import REPO_ROOT
+
+
+
+def test_inspect_cli_prints_stats_and_writes_png(tmp_path):
+    png = tmp_path / "rows.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "data_pipelines.inspect",
+         f"--config={REPO_ROOT}/data_pipelines/example_config.py",
+         f"--config.data.tokenizer_cache_dir={tmp_path}", "--config.train.batch_size=4",
+         "--batches=2", "--rows=3", f"--png={png}"],
+        cwd=REPO_ROOT, check=True, capture_output=True, text=True)
+    out = result.stdout
+    assert "packing efficiency: 0.9" in out
+    assert "skipped by reason: {}" in out and "'tokens': ((4, 256), 'int32')" in out
+    with Image.open(png) as image:
+        assert image.width > 100 and image.height > 3 * 64
