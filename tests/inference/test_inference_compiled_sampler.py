@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.inference_helpers import SPECIAL, shared_engine
-from tfusion.config import diffusion_config
+from tfusion.config import SAMPLERS_BY_PROCESS, diffusion_config
 from tfusion.inference.engine import Engine
 from tfusion.inference.generate import generate
 from tfusion.inference.options import GenerationOptions
@@ -28,6 +28,8 @@ def model():
 def _engine(model, process, prediction):
     cfg = diffusion_config()
     cfg.process, cfg.prediction = process, prediction
+    # The config's default sampler must belong to its process (each test picks its own).
+    cfg.sampler = SAMPLERS_BY_PROCESS[process][0]
     return Engine(model, cfg)
 
 

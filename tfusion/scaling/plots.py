@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
@@ -25,10 +26,12 @@ def plot_metric(points: list[dict], fits: dict, metric: str, compute_key: str, p
             grid = np.geomspace(xs.min() / 1.5, xs.max() * 1.5, 64)
             law = fit["law"]
             ax.plot(grid, law.predict(grid), color=color, alpha=0.7,
-                    label=f"{family}: {law.a:.3g} C^-{law.b:.3f}" + (
+                    label=f"{family}: {law.a:.3g} C^{-law.b:.3f}" + (
                         f" + {law.c:.3g}" if law.c else ""))
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Within less than a decade matplotlib labels the minor ticks too, and they overlap.
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training FLOPs (" + ("6ND" if compute_key == "flops_6nd" else "exact") + ")")
     ax.set_ylabel(metric)
     ax.grid(True, which="both", alpha=0.3)
