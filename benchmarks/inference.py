@@ -1,6 +1,7 @@
 """Inference benchmark: cached vs. recomputed diffusion steps, and seconds per image.
 
   python -m benchmarks.inference [--out=benchmarks/results/inference.json] [--repeats=5]
+      [--no-reference | --reference-python=PY]
 
 Shape `cpu-s`: width 512, depth 8, 8 heads, vocab 1024, latent 16x16x4 with patch 2
 (P = 64 patches of dim 16). CFG on (2 rows per image). A step is one diffusion step
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -105,10 +107,28 @@ def image_seconds(engine, steps_per_call: int = 0) -> tuple[float, float, float]
     return time.perf_counter() - start, time.process_time() - cpu_start, first
 
 
+def reference_image_seconds(python: str) -> dict:
+    """The peer's one-image timing, in its own process (torch and jax never share one);
+    its last stdout line is JSON."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "reference_quality_pytorch.py")
+    proc = subprocess.run([python, script, "--image-seconds", "--shape", "cpu-s", "--steps",
+                           "250", "--cfg-scale", "3"], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the reference failed ({proc.returncode}); it needs torch and "
+                           "transfusion-pytorch (pip install -e '.[reference]'), or pass "
+                           f"--no-reference\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/inference.json")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the transfusion-pytorch image timing")
+    parser.add_argument("--reference-python",
+                        default=os.environ.get("TFUSION_REFERENCE_PYTHON", sys.executable))
     args = parser.parse_args()
     load_before = os.getloadavg()
     cfg = cpu_s_config()
@@ -132,6 +152,13 @@ def main():
                      load_average_before=load_before, load_average_after=os.getloadavg()),
         command=" ".join([os.path.basename(sys.executable), "-m", "benchmarks.inference"] + sys.argv[1:]),
     )
+    if not args.no_reference:  # after tfusion's timings, so the two never overlap
+        ref = reference_image_seconds(args.reference_python)
+        result.update(reference_image_s=ref["image_s"], reference_image_cpu_s=ref["image_cpu_s"],
+                      reference_image_settings=ref["settings"],
+                      image_s_ratio_reference_over_tfusion=ref["image_s"] / image_s)
+        result["machine"].update(torch=ref["torch_version"], torch_threads=ref["torch_threads"],
+                                 load_average_after_reference=os.getloadavg())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

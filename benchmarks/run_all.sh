@@ -14,7 +14,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset XLA_FLAGS
 
 failed=()
-for name in data_pipeline inference block_sparsity autoencoders train_throughput step_breakdown train_loop; do
+# quality_vs_reference trains both systems for 10 min each (~27 min in all, ~2 GB of
+# checkpoints in a temp dir it deletes).
+for name in data_pipeline inference block_sparsity autoencoders train_throughput step_breakdown train_loop \
+        quality_vs_reference; do
     script="benchmarks/$name.py"
     [ -f "$script" ] || { echo "== $name: not present, skipped"; continue; }
     echo "== $name  (load average: $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -18,7 +18,7 @@ import re
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # A figure is a headline when its key (or the key of the dict holding it) matches.
-HEADLINE = re.compile(r"per_s$|^mfu|ratio|efficiency|^peak_flops$|skipped_by_kernel|latency"
+HEADLINE = re.compile(r"per_s$|^mfu|(^|_)ratio(_|$)|efficiency|^peak_flops$|skipped_by_kernel|latency"
                       r"|_ms$|^image_s$|^step_s_\w+|psnr|speedup|^fraction_of|_over_")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
