@@ -226,7 +226,7 @@ def score_images(images: np.ndarray, references) -> dict:
 def peer_points(result: dict, references) -> list[dict]:
     points = []
     for p in result["points"]:
-        generation = score_images(np.load(p["images"]), references)
+        generation = score_images(np.load(p["images"], allow_pickle=False), references)
         print(f"[peer] {p['minutes']:g} min, step {p['steps']}: mean attribute accuracy "
               f"{generation['mean_attribute']:.3f}", flush=True)
         points.append(dict(minutes=p["minutes"], steps=p["steps"],

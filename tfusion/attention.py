@@ -13,6 +13,8 @@ The other kernels and the dispatcher by config name live in tfusion/kernels/.
 from __future__ import annotations
 
 import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,21 +105,70 @@ def key_ranges(segment_ids: np.ndarray, image_index: np.ndarray, patches_per_ima
     return np.asarray(k_start), np.asarray(k_end)
 
 
+# Masked logits: exp(masked - row max) underflows to exactly 0, and a row with no
+# allowed key (padding) stays finite and averages its values uniformly.
+_MASKED_LOGIT = -1e30
+
+
 def xla_attention(q, k, v, info: MaskInfo, *, scale: float | None = None) -> jax.Array:
     """Dense masked attention in plain XLA: the reference and the CPU default.
 
     q [B, Lq, H, Dh]; k, v [B, Lk, Hkv, Dh] with H a multiple of Hkv (GQA: query
     head h uses kv head h // (H / Hkv)). Returns [B, Lq, H, Dh] in q's dtype.
     Fully masked (padding) queries get a uniform average, never NaN.
+
+    Head-major operands and a hand-written backward (below) rather than autodiff
+    through softmax: on XLA:CPU 1.25-1.66x faster forward + backward than the previous
+    form and the README job's train step 1.28x (benchmarks/results/attention_xla.json).
     """
     b, lq, h, dh = q.shape
-    hkv = k.shape[2]
+    _, lk, hkv, _ = k.shape
+    groups = h // hkv
     scale = dh ** -0.5 if scale is None else scale
-    qg = q.reshape(b, lq, hkv, h // hkv, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
-                        preferred_element_type=jnp.float32) * scale
-    mask = mask_from_info(info)[:, None, None, :, :]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-    return out.reshape(b, lq, h, dh)
+    # Query head h uses kv head h // groups; the groups' queries all see the same keys,
+    # so they stack along the query axis: [B, Hkv, groups * Lq, Dh] (4-D einsums run
+    # ~1.5x faster on XLA:CPU than with a separate group axis).
+    q_heads = (q.reshape(b, lq, hkv, groups, dh).transpose(0, 2, 3, 1, 4)
+               .reshape(b, hkv, groups * lq, dh))
+    k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, Dh]
+    allowed = jnp.broadcast_to(mask_from_info(info)[:, None, None], (b, 1, groups, lq, lk))
+    out = _softmax_attention(q_heads, k_heads, v_heads,
+                             allowed.reshape(b, 1, groups * lq, lk), scale)
+    out = out.reshape(b, hkv, groups, lq, dh).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, lq, h, dh).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention(q, k, v, allowed, scale):
+    """softmax(q k^T * scale, over allowed keys) v, head-major (see xla_attention)."""
+    return _softmax_attention_fwd(q, k, v, allowed, scale)[0]
+
+
+def _softmax_attention_fwd(q, k, v, allowed, scale):
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed, logits * scale, _MASKED_LOGIT)
+    unnormalised = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs = unnormalised / unnormalised.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out, (q, k, v, allowed, probs, out)
+
+
+def _softmax_attention_bwd(scale, residuals, d_out):
+    """With P = softmax(S), O = P V: dV = P^T dO, dP = dO V^T and, per query row,
+    dS = P * (dP - sum_k P dP) where sum_k P dP = sum_d dO * O; dQ = dS K * scale,
+    dK = dS^T Q * scale: four matmuls and one elementwise pass over [Lq, Lk], where
+    autodiff through exp, max and the division makes several."""
+    q, k, v, allowed, probs, out = residuals
+    d_out = d_out.astype(jnp.float32)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    # Masked logits are constants: a padding query's uniform row passes no gradient.
+    d_logits = jnp.where(allowed, probs * (d_probs - (d_out * out).sum(-1, keepdims=True)), 0)
+    d_logits = d_logits * scale
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q, preferred_element_type=jnp.float32)
+    return (d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
