@@ -108,15 +108,17 @@ def train_times(workdir: str) -> dict[int, float]:
     return times
 
 
-def train_tfusion(workdir: str, max_seconds: float) -> dict[int, float]:
-    """The README job with evaluation pauses off, stopped once it has trained
+def train_tfusion(workdir: str, max_seconds: float, config_name: str = "shapes_tiny",
+                  overrides: tuple[str, ...] = ()) -> dict[int, float]:
+    """A registry config (the README job by default) with evaluation pauses off and
+    `overrides` ("train.batch_size=4", ...) applied, stopped once it has trained
     max_seconds; returns step -> training seconds."""
-    cmd = [sys.executable, "-m", "launch.train", "--config=experiments/registry.py:shapes_tiny",
+    cmd = [sys.executable, "-m", "launch.train", f"--config=experiments/registry.py:{config_name}",
            f"--workdir={workdir}", "--config.train.eval_every=0",
            "--config.train.sample_every=0", "--config.train.final_eval_suite=",
            f"--config.train.log_every={CHECKPOINT_EVERY}",
            f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
-           "--config.train.keep_checkpoints=100000"]
+           "--config.train.keep_checkpoints=100000"] + [f"--config.{o}" for o in overrides]
     print("[tfusion]", shlex.join(cmd), flush=True)
     with open(os.path.join(workdir, "train.log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=_ROOT, env=subprocess_env(), stdout=log,

@@ -140,15 +140,28 @@ def xla_attention(q, k, v, info: MaskInfo, *, scale: float | None = None) -> jax
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _softmax_attention(q, k, v, allowed, scale):
-    """softmax(q k^T * scale, over allowed keys) v, head-major (see xla_attention)."""
-    return _softmax_attention_fwd(q, k, v, allowed, scale)[0]
+    """softmax(q k^T * scale, over allowed keys) v, head-major (see xla_attention).
+
+    Undifferentiated (decoding, evaluation) the weights are normalised after the value
+    product, on [Lq, Dh] instead of [Lq, Lk]: one pass over the weights fewer. The
+    forward rule below keeps the normalised weights, which the backward needs."""
+    unnormalised, total = _unnormalised_weights(q, k, allowed, scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out / total
 
 
-def _softmax_attention_fwd(q, k, v, allowed, scale):
+def _unnormalised_weights(q, k, allowed, scale):
+    """exp(masked logits - row max) [B, H, Lq, Lk] and its row sums [B, H, Lq, 1]."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(allowed, logits * scale, _MASKED_LOGIT)
     unnormalised = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs = unnormalised / unnormalised.sum(axis=-1, keepdims=True)
+    return unnormalised, unnormalised.sum(axis=-1, keepdims=True)
+
+
+def _softmax_attention_fwd(q, k, v, allowed, scale):
+    unnormalised, total = _unnormalised_weights(q, k, allowed, scale)
+    probs = unnormalised / total
     out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out, (q, k, v, allowed, probs, out)

@@ -5,6 +5,7 @@ import pytest
 
 from tests.helpers.inference_helpers import (TOL, full_forward, random_image, random_tokens,
                                     shared_engine, tiny_engine)
+from tfusion.inference.engine import PerLayer
 from tfusion.inference.prompts import layout_prompts
 from tfusion.inference.steps import CacheColumns
 
@@ -47,10 +48,18 @@ def test_cached_text_decoding_matches_full_forward(scan_layers):
             np.testing.assert_allclose(np.asarray(logits[r]), refs[r][pos[r]], atol=TOL)
 
 
-@pytest.mark.parametrize("modality_layer", ["linear", "unet"])
-def test_diffusion_step_matches_full_forward(modality_layer):
-    engine, model, config = (shared_engine() if modality_layer == "linear" else
-                             tiny_engine(modality_layer="unet", unet_channels=(32, 32)))
+@pytest.mark.parametrize("modality_layer,scan_layers",
+                         [("linear", True), ("unet", True), ("linear", False)])
+def test_diffusion_step_matches_full_forward(modality_layer, scan_layers):
+    """Also for an unrolled layer loop, whose engine keeps weights and cache per layer
+    (re-stacked inside each jitted step, cache columns written in place)."""
+    if not scan_layers:
+        engine, model, config = tiny_engine(scan_layers=False)
+        assert isinstance(engine.state["backbone"]["blocks"]["mlp"]["down"]["kernel"].get_value(),
+                          PerLayer)
+    else:
+        engine, model, config = (shared_engine() if modality_layer == "linear" else
+                                 tiny_engine(modality_layer="unet", unet_channels=(32, 32)))
     cfg = config.model
     rng = np.random.default_rng(1)
     t = 417
@@ -84,5 +93,5 @@ def test_sharded_cache_matches_single_device():
     ref, _, _ = _prefill(engine, prompts, max_len=16)
     got, cache, _ = _prefill(sharded, prompts, max_len=16)
     np.testing.assert_allclose(got, ref, atol=TOL)
-    spec = cache.k.sharding.spec
-    assert spec[1] == "data" and spec[3] == "tensor", spec
+    spec = cache.k[0].sharding.spec  # layer 0 of [depth, B, Hkv, S, Dh], kept per layer
+    assert spec[0] == "data" and spec[1] == "tensor", spec

@@ -1,7 +1,8 @@
 """The decoding KV cache and the one function that runs new positions against it.
 
-Layout: k, v stacked over layers [depth, B, S, Hkv, Dh] (what `Transformer` scans
-over), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty, left padding or a
+Layout: k, v stacked over layers and head-major, [depth, B, Hkv, S, Dh] (the
+stack is what `Transformer` scans over; head-major is the operand layout of the
+dense attention's einsums, so a decoding step reads the cache without transposing it), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty, left padding or a
 dummy write, never attended) and `slot` [B, S] (image id at patches, else -1).
 All rows share one write index, so every call writes the same cache columns in
 every row; a row with nothing to add writes segment id 0 there instead. That keeps
@@ -21,14 +22,14 @@ from tfusion import attention
 from tfusion.config import ModelConfig
 from tfusion.sharding import constrain
 
-KV_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
+KV_AXES = ("layers", "activation_batch", "activation_kv_heads", "activation_length", None)
 ID_AXES = ("activation_batch", "activation_length")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [depth, B, S, Hkv, Dh]
+    k: jax.Array  # [depth, B, Hkv, S, Dh]
     v: jax.Array
     segment_ids: jax.Array  # int32 [B, S]
     slot: jax.Array  # int32 [B, S]
@@ -44,7 +45,7 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache in the model's compute dtype (call inside jit to shard it)."""
-    shape = (cfg.depth, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    shape = (cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
     kv = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     ids = jnp.zeros((batch_size, max_len), jnp.int32)
     return constrain_cache(KVCache(kv, kv, ids, ids - 1, jnp.zeros((), jnp.int32)))

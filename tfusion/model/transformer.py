@@ -79,11 +79,14 @@ class SelfAttention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-        if cache is not None:
-            at = (0, ctx.cache_index, 0, 0)
-            cache = dict(k=jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at),
-                         v=jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at))
-            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        if cache is not None:  # head-major [B, Hkv, S, Dh]: write this call's columns
+            at = (0, 0, ctx.cache_index, 0)
+            cache = {name: jax.lax.dynamic_update_slice(
+                cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), at)
+                for name, new in (("k", k), ("v", v))}
+            # The kernels take [B, S, Hkv, Dh]; the XLA kernel works head-major, and its
+            # transpose cancels this one, so the cache is read where it lies.
+            k, v = (cache[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))
         out = kernels.dot_product_attention(q, k, v, ctx.mask, kernel=self.kernel_name)
         # Named so the "save_attention_out" remat policy keeps it instead of recomputing.
         out = checkpoint_name(out, "attention_out")
@@ -142,7 +145,7 @@ class Transformer(nnx.Module):
     def __call__(self, x: jax.Array, ctx: BlockContext, cache=None):
         """x [B, L, D] -> ([B, L, D], updated cache or None).
 
-        `cache`, when given, is {"k", "v"} stacked over layers: [depth, B, S, Hkv, Dh].
+        `cache`, when given, is {"k", "v"} stacked over layers: [depth, B, Hkv, S, Dh].
         """
         graphdef, params = nnx.split(self.blocks)
 
