@@ -1,7 +1,7 @@
-"""Quality per CPU-minute: tfusion's README job against lucidrains' transfusion-pytorch.
+"""Quality per CPU-minute: tfusion against lucidrains' transfusion-pytorch.
 
     python benchmarks/quality_vs_reference.py --workdir /tmp/qvr_run
-                         # budgets 2,5,10 min (+ curve points 1,3,7.5); 27 min on 2 cores
+                         # budgets 2,5,10 min (+ curve points 1,3,7.5); 23 min on 2 cores
     python benchmarks/quality_vs_reference.py --smoke --workdir /tmp/qvr_smoke
                          # budgets 0.5,1 min, 8 prompts; 3 min, writes only under --workdir
 
@@ -10,12 +10,14 @@ for the same training time, and are scored by the same exact detector on the sam
 held-out prompts (the shapes evaluation suite's generation score: colour / shape /
 size / position accuracy per prompted object; "generation error" = 1 - their mean).
 
-tfusion: `python -m launch.train --config=experiments/registry.py:shapes_tiny` (the
-README job: width 192, depth 4, 6 heads of 32, patch 4 on 16x16x3 pixels, DDPM
-v-prediction, EMA 0.999, batch 8 packed rows of 256, lr 2e-3 cosine over 2000 steps),
+tfusion: `python -m launch.train --config=experiments/registry.py:shapes_tiny_quick`
+(--tfusion-config; the README job's model and recipe: width 192, depth 4, 6 heads of
+32, patch 4 on 16x16x3 pixels, DDPM v-prediction, EMA 0.999, lr 2e-3 cosine; for
+budgets of minutes 2 packed rows of 256 per step, 20 warm-up steps, 6000 steps;
+`--tfusion-config shapes_tiny` runs the README job itself, 8 rows, 2000 steps),
 changed only so that nothing but training runs in the timed loop: no held-out
 evaluations, sample grids or final scoring (eval_every=0, sample_every=0,
-final_eval_suite=''), and a checkpoint every 25 steps, all kept. Its training time
+final_eval_suite=''), and a checkpoint every --checkpoint-every steps, all kept. Its training time
 is metrics.jsonl's logged interval time summed (the first interval includes XLA
 compilation; checkpoint writes are counted too). The run is stopped (SIGTERM) once
 that passes the last budget; each budget maps to the last checkpoint reached within
@@ -63,7 +65,6 @@ from tfusion.eval.shapes_detector import detect_batch  # noqa: E402
 from tfusion.eval.shapes_scoring import ATTRIBUTES, Claim, aggregate, score_image  # noqa: E402
 
 REFERENCE_PYTHON = os.environ.get("TFUSION_REFERENCE_PYTHON", sys.executable)
-CHECKPOINT_EVERY = 25  # steps (~12 s here): the resolution of tfusion's budget points
 PEER_BATCH = 16  # samples per step in the peer's example (train_mnist.py)
 TARGET_RATIO = 5.0  # issue 17: tfusion reaches the peer's best score in <= 1/5 its time
 SCORE_KEYS = ATTRIBUTES + ("count", "exact")
@@ -108,16 +109,17 @@ def train_times(workdir: str) -> dict[int, float]:
     return times
 
 
-def train_tfusion(workdir: str, max_seconds: float, config_name: str = "shapes_tiny",
+def train_tfusion(workdir: str, max_seconds: float, config_name: str, checkpoint_every: int,
                   overrides: tuple[str, ...] = ()) -> dict[int, float]:
-    """A registry config (the README job by default) with evaluation pauses off and
+    """A registry config with evaluation pauses off, a checkpoint every
+    `checkpoint_every` steps (the resolution of the budget points) and
     `overrides` ("train.batch_size=4", ...) applied, stopped once it has trained
     max_seconds; returns step -> training seconds."""
     cmd = [sys.executable, "-m", "launch.train", f"--config=experiments/registry.py:{config_name}",
            f"--workdir={workdir}", "--config.train.eval_every=0",
            "--config.train.sample_every=0", "--config.train.final_eval_suite=",
-           f"--config.train.log_every={CHECKPOINT_EVERY}",
-           f"--config.train.checkpoint_every={CHECKPOINT_EVERY}",
+           f"--config.train.log_every={checkpoint_every}",
+           f"--config.train.checkpoint_every={checkpoint_every}",
            "--config.train.keep_checkpoints=100000"] + [f"--config.{o}" for o in overrides]
     print("[tfusion]", shlex.join(cmd), flush=True)
     with open(os.path.join(workdir, "train.log"), "w") as log:
@@ -152,12 +154,12 @@ def evaluate_tfusion(workdir: str, step: int, prompts: int) -> dict:
     return result["metrics"]
 
 
-def tfusion_points(workdir: str, minutes: list[float], prompts: int
-                   ) -> tuple[list[dict], dict | None]:
+def tfusion_points(workdir: str, minutes: list[float], prompts: int, config_name: str,
+                   checkpoint_every: int) -> tuple[list[dict], dict | None]:
     """Each point -> the last checkpoint within it, scored; also the suite's chance level."""
     os.makedirs(workdir, exist_ok=True)
-    times = train_tfusion(workdir, 60.0 * max(minutes))
-    checkpoints = {s: t for s, t in times.items() if s % CHECKPOINT_EVERY == 0}
+    times = train_tfusion(workdir, 60.0 * max(minutes), config_name, checkpoint_every)
+    checkpoints = {s: t for s, t in times.items() if s % checkpoint_every == 0}
     scored, points, chance = {}, [], None
     for m in minutes:
         within = [s for s, t in checkpoints.items() if t <= 60.0 * m]
@@ -281,13 +283,13 @@ def compare(tfusion: list[dict], peer: list[dict]) -> dict:
 
 
 def plot(path: str, tfusion: list[dict], peer: list[dict], chance: dict | None,
-         budgets: list[float], prompts: int) -> None:
+         budgets: list[float], prompts: int, tfusion_config: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, points, style in (("tfusion (shapes_tiny, JAX)", tfusion, "o-"),
+    for name, points, style in ((f"tfusion ({tfusion_config}, JAX)", tfusion, "o-"),
                                 ("transfusion-pytorch 0.20.0", peer, "s-")):
         shown = [p for p in points if p["generation"] is not None]
         ax.plot([p["train_seconds"] / 60 for p in shown],
@@ -342,6 +344,10 @@ def main():
     parser.add_argument("--plot", default=os.path.join(_ROOT, "docs",
                                                        "quality_vs_reference.png"))
     parser.add_argument("--reference-python", default=REFERENCE_PYTHON)
+    parser.add_argument("--tfusion-config", default="shapes_tiny_quick",
+                        help="registry entry tfusion trains (shapes_tiny: the README job)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="tfusion steps between checkpoints (~10 s at 2 rows per step)")
     parser.add_argument("--smoke", action="store_true",
                         help="budgets 0.5,1 min, 8 prompts, outputs under --workdir")
     args = parser.parse_args()
@@ -358,14 +364,15 @@ def main():
 
     from tfusion.eval.references import heldout_references
 
-    config = registry.get_config("shapes_tiny")
+    config = registry.get_config(args.tfusion_config)
     # The shapes suite's own prompts: the first held-out scenes (eval seed).
     references = heldout_references(config, args.prompts)
     os.makedirs(args.workdir, exist_ok=True)
     spec_path = write_peer_spec(config, references, minutes, args.workdir, args.seed)
     load = {"before": os.getloadavg()}
 
-    tfusion, chance = tfusion_points(os.path.join(args.workdir, "tfusion"), minutes, args.prompts)
+    tfusion, chance = tfusion_points(os.path.join(args.workdir, "tfusion"), minutes, args.prompts,
+                                     args.tfusion_config, args.checkpoint_every)
     load["after_tfusion"] = os.getloadavg()
     peer_result = run_peer(spec_path, os.path.join(args.workdir, "peer"), args.reference_python)
     peer = peer_points(peer_result, references)
@@ -383,10 +390,13 @@ def main():
               "mean_attribute = mean of the four, generation_error = 1 - mean_attribute",
         prompts=args.prompts, budgets_minutes=budgets, points_minutes=minutes,
         settings=dict(
-            tfusion=dict(config="experiments/registry.py:shapes_tiny", overrides=dict(
-                eval_every=0, sample_every=0, final_eval_suite="", log_every=CHECKPOINT_EVERY,
-                checkpoint_every=CHECKPOINT_EVERY, keep_checkpoints=100000),
-                batch="8 packed rows x 256 tokens", params="EMA (0.999)",
+            tfusion=dict(config=f"experiments/registry.py:{args.tfusion_config}", overrides=dict(
+                eval_every=0, sample_every=0, final_eval_suite="", log_every=args.checkpoint_every,
+                checkpoint_every=args.checkpoint_every, keep_checkpoints=100000),
+                batch=f"{config.train.batch_size} packed rows x {config.data.seq_len} tokens",
+                schedule=f"lr {config.optimizer.learning_rate} cosine over {config.train.steps} "
+                         f"steps, {config.optimizer.warmup_steps} warm-up",
+                params=f"EMA ({config.train.ema_decay})",
                 sampler=f"{config.diffusion.sampler}, {config.diffusion.sample_steps} steps, "
                         f"CFG {config.diffusion.cfg_scale}",
                 train_seconds="sum of metrics.jsonl interval times up to the checkpoint "
@@ -407,7 +417,7 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    plot(args.plot, tfusion, peer, chance, budgets, args.prompts)
+    plot(args.plot, tfusion, peer, chance, budgets, args.prompts, args.tfusion_config)
     for row in result["budgets"]:
         cells = [f"{row['minutes']:g} min"]
         for side in ("tfusion", "reference"):

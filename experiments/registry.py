@@ -85,6 +85,9 @@ def _micro_entries() -> dict[str, Experiment]:
 EXPERIMENTS: dict[str, Experiment] = {
     "shapes_tiny": Experiment(shapes.shapes_tiny,
                               "tiny Transfusion on built-in 16 px shapes (CPU default)"),
+    "shapes_tiny_quick": Experiment(shapes.shapes_tiny_quick,
+                                    "shapes_tiny with 2 rows per step, for budgets of "
+                                    "minutes (quality per CPU-minute)"),
     **_transfusion_entries(),
     **_chameleon_entries(),
     **_ablation_entries(),
