@@ -17,8 +17,8 @@ budgets of minutes 2 packed rows of 256 per step, 20 warm-up steps, 6000 steps;
 `--tfusion-config shapes_tiny` runs the README job itself, 8 rows, 2000 steps),
 changed only so that nothing but training runs in the timed loop: no held-out
 evaluations, sample grids or final scoring (eval_every=0, sample_every=0,
-final_eval_suite=''), and a checkpoint every --checkpoint-every steps, all kept. Its training time
-is metrics.jsonl's logged interval time summed (the first interval includes XLA
+final_eval_suite=''), and a checkpoint every --checkpoint-every steps, all kept. Its
+training time is metrics.jsonl's logged interval time summed (the first interval includes XLA
 compilation; checkpoint writes are counted too). The run is stopped (SIGTERM) once
 that passes the last budget; each budget maps to the last checkpoint reached within
 it, scored from its EMA params by `python -m launch.evaluate --suite=shapes` (100

@@ -2,7 +2,8 @@
 
 Layout: k, v stacked over layers and head-major, [depth, B, Hkv, S, Dh] (the
 stack is what `Transformer` scans over; head-major is the operand layout of the
-dense attention's einsums, so a decoding step reads the cache without transposing it), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty, left padding or a
+dense attention's einsums, so a decoding step reads the cache without transposing
+it), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty, left padding or a
 dummy write, never attended) and `slot` [B, S] (image id at patches, else -1).
 All rows share one write index, so every call writes the same cache columns in
 every row; a row with nothing to add writes segment id 0 there instead. That keeps

@@ -76,9 +76,7 @@ class Engine:
         # and would keep up to maxsize engines (each holding its params) alive.
         key = (rows, max_len)
         if key not in self._cache_makers:
-            cfg, mesh, table = self.cfg, self.mesh, self.table
-
-            per_layer = self.per_layer
+            cfg, mesh, table, per_layer = self.cfg, self.mesh, self.table, self.per_layer
 
             def make():
                 with activation_sharding(mesh, table):
