@@ -1,7 +1,7 @@
 """Quality per CPU-minute: tfusion against lucidrains' transfusion-pytorch.
 
     python benchmarks/quality_vs_reference.py --workdir /tmp/qvr_run
-                         # budgets 2,5,10 min (+ curve points 1,3,7.5); 23 min on 2 cores
+                         # budgets 2,5,10 min (+ curve points 1,1.5,3,7.5); 25 min on 2 cores
     python benchmarks/quality_vs_reference.py --smoke --workdir /tmp/qvr_smoke
                          # budgets 0.5,1 min, 8 prompts; 3 min, writes only under --workdir
 
@@ -11,10 +11,12 @@ held-out prompts (the shapes evaluation suite's generation score: colour / shape
 size / position accuracy per prompted object; "generation error" = 1 - their mean).
 
 tfusion: `python -m launch.train --config=experiments/registry.py:shapes_tiny_quick`
-(--tfusion-config; the README job's model and recipe: width 192, depth 4, 6 heads of
-32, patch 4 on 16x16x3 pixels, DDPM v-prediction, EMA 0.999, lr 2e-3 cosine; for
+(--tfusion-config; the README job's model: width 192, depth 4, 6 heads of 32, patch 4
+on 16x16x3 pixels, DDPM v-prediction, EMA 0.999, lr 2e-3 cosine; trained like the peer
+on caption -> image pairs only, with logit-normal diffusion times (mean 0.7); for
 budgets of minutes 2 packed rows of 256 per step, 20 warm-up steps, 6000 steps;
-`--tfusion-config shapes_tiny` runs the README job itself, 8 rows, 2000 steps),
+`--tfusion-config shapes_tiny` runs the README job itself: 8 rows, 2000 steps, uniform
+t, its mix of text-only documents and image-first pairs),
 changed only so that nothing but training runs in the timed loop: no held-out
 evaluations, sample grids or final scoring (eval_every=0, sample_every=0,
 final_eval_suite=''), and a checkpoint every --checkpoint-every steps, all kept. Its
@@ -332,7 +334,7 @@ def machine_info() -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="2,5,10", help="minutes of training time")
-    parser.add_argument("--curve-points", default="1,3,7.5",
+    parser.add_argument("--curve-points", default="1,1.5,3,7.5",
                         help="extra minutes scored for the plot and the ratio")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="the peer's torch seed")
@@ -394,8 +396,16 @@ def main():
                 eval_every=0, sample_every=0, final_eval_suite="", log_every=args.checkpoint_every,
                 checkpoint_every=args.checkpoint_every, keep_checkpoints=100000),
                 batch=f"{config.train.batch_size} packed rows x {config.data.seq_len} tokens",
+                data=f"text-only token share {config.data.text_token_share}, image-first "
+                     f"pair fraction {config.data.image_first_fraction} (0 and 0: caption "
+                     "-> image pairs only, as the peer)",
                 schedule=f"lr {config.optimizer.learning_rate} cosine over {config.train.steps} "
                          f"steps, {config.optimizer.warmup_steps} warm-up",
+                diffusion=f"{config.diffusion.process}, {config.diffusion.prediction}-prediction, "
+                          f"t {config.diffusion.timestep_sampling}"
+                          + (f" (mean {config.diffusion.logit_normal_mean}, std "
+                             f"{config.diffusion.logit_normal_std})"
+                             if config.diffusion.timestep_sampling == "logit_normal" else ""),
                 params=f"EMA ({config.train.ema_decay})",
                 sampler=f"{config.diffusion.sampler}, {config.diffusion.sample_steps} steps, "
                         f"CFG {config.diffusion.cfg_scale}",

@@ -86,8 +86,9 @@ EXPERIMENTS: dict[str, Experiment] = {
     "shapes_tiny": Experiment(shapes.shapes_tiny,
                               "tiny Transfusion on built-in 16 px shapes (CPU default)"),
     "shapes_tiny_quick": Experiment(shapes.shapes_tiny_quick,
-                                    "shapes_tiny with 2 rows per step, for budgets of "
-                                    "minutes (quality per CPU-minute)"),
+                                    "shapes_tiny with 2 rows per step on caption -> image "
+                                    "pairs only, for budgets of minutes (quality per "
+                                    "CPU-minute)"),
     **_transfusion_entries(),
     **_chameleon_entries(),
     **_ablation_entries(),
