@@ -35,13 +35,13 @@ def micro_config(family: str, size: str):
     c.name = f"micro_{family}_{size}"
     c.model.update(depth=depth, width=width, num_heads=heads, mlp_hidden=mlp_hidden(width))
     # The micro sweep keeps the recipe and data it was measured with (docs/scaling/
-    # cpu_micro): the paper's epsilon DDPM, patch 2, 1-3 shapes, 1:1 text:image tokens,
+    # cpu_micro): the paper's epsilon DDPM (uniform t), patch 2, 1-3 shapes, 1:1 text:image tokens,
     # 20% image-first, no EMA; shapes_tiny's tiny-scale choices (docs/diffusion.md) are
     # for issue 14's reproduction sweep to adopt deliberately.
     c.model.patch_size = 2
     c.data.update(shapes_max_per_image=3, text_token_share=0.5, image_first_fraction=0.2,
                   max_images_per_row=4)
-    c.diffusion.update(prediction="eps", sample_steps=250)
+    c.diffusion.update(prediction="eps", sample_steps=250, timestep_sampling="uniform")
     c.train.update(ema_decay=0.0, final_eval_suite="")
     # One held-out evaluation at the end: the scaling fit reads eval/* metrics.
     c.train.update(steps=MICRO_STEPS, log_every=50, checkpoint_every=250,
