@@ -14,8 +14,8 @@ def shapes_tiny():
       * v-prediction: epsilon's x0 estimate at high noise is worse than the data mean at
         3M parameters, so layouts never form (docs/diffusion.md);
       * diffusion times drawn logit-normal(0, 1) over the noise range (SD3), not
-        uniformly: generation exact 0.97 against 0.67 / 0.70 (uniform t, two seeds) at
-        2000 steps, captioning exact 0.875 against 0.81 / 0.86; uniform t spends few
+        uniformly: generation exact 0.97 / 0.94 against 0.67 / 0.70 (two seeds each) at
+        2000 steps, captioning exact 0.875 / 0.89 against 0.81 / 0.86; uniform t spends few
         draws in the mid-range where a 16 px layout is decided;
       * EMA of the params (0.999 with warm-up) for sampling and evaluation;
       * patch 4 (16 patches per 16 px image): four times the caption-image pairs per
