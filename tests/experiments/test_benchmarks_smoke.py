@@ -1,4 +1,5 @@
-"""The training benchmark runs end to end at a tiny shape and writes the agreed JSON.
+"""The training benchmark runs end to end at a tiny shape and writes the agreed JSON;
+the sampler's matmul-floor benchmark counts the FLOPs XLA runs.
 
 One subprocess (the benchmark re-executes itself with its own environment, which a
 pytest process with 8 fake devices cannot give it) with 1 warm-up + 1 timed step per
@@ -56,3 +57,24 @@ def test_train_throughput_writes_required_keys(tmp_path):
     assert "`fixed.tokens_per_s`" in text and "old" not in text and text.endswith("tail\n")
     if not reference:
         pytest.skip("reference venv absent: tfusion side only")
+
+
+def test_sampler_matmul_floor_counts_the_flops_xla_runs():
+    """The matmul-only floor's hand count equals XLA's own FLOP count of the function
+    (its dots dominate; the SwiGLU's elementwise work is < 1% at any width here)."""
+    from sampler_matmul_floor import matmul_only_step
+
+    import jax
+    import jax.numpy as jnp
+
+    from tfusion.config import ModelConfig, model_config
+
+    cfg = model_config()
+    cfg.update(vocab_size=64, width=128, depth=2, num_heads=4, num_kv_heads=2)
+    cfg = ModelConfig.of(cfg)
+    step, flops = matmul_only_step(cfg, rows=32)
+    x = jnp.ones((32, cfg.width), jnp.float32)
+    cost = step.lower(x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert flops == pytest.approx(cost["flops"], rel=0.02)
+    assert step(x).shape == x.shape
