@@ -7,7 +7,8 @@ One cached diffusion step of the inference benchmark's model (cpu-s, 64 patches,
 projection, SwiGLU's gate+up and down projections. This times exactly those matmuls,
 chained through the layers in one jitted function with one weight array per layer (a
 slice of a layer-stacked array would be a copy on XLA:CPU), next to the engine's real
-cached step (empty prefix) and a 2048^3 matmul, all in the same run. `image_floor_s`
+cached step (empty prefix) and the matmul peak (benchmarks/matmul_peak.py), all in
+the same run. `image_floor_s`
 = 250 x the matmul-only step: the image time of a sampler whose attention, norms,
 embeddings and update cost nothing. Writes benchmarks/results/sampler_matmul_floor.json.
 """
@@ -22,32 +23,18 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(_HERE), _HERE]
 
-import inference  # noqa: E402  (benchmarks/inference.py: the model and the cached step)
+import inference  # noqa: E402  (benchmarks/inference.py: the model, timing, the cached step)
+from matmul_peak import measure_peak_flops  # noqa: E402
 from tfusion.config import ModelConfig, diffusion_config  # noqa: E402
 from tfusion.inference.engine import Engine  # noqa: E402
 from tfusion.model.transfusion import Transfusion  # noqa: E402
 
 SAMPLE_STEPS = 250
-
-
-def median_seconds(fn, x, repeats: int, calls: int = 20) -> float:
-    """Median over `repeats` blocks of `calls` chained calls, after a compile call."""
-    x = fn(x)
-    jax.block_until_ready(x)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            x = fn(x)
-        jax.block_until_ready(x)
-        samples.append((time.perf_counter() - start) / calls)
-    return float(np.median(samples))
 
 
 def matmul_only_step(cfg: ModelConfig, rows: int):
@@ -87,13 +74,11 @@ def main():
 
     step, flops = matmul_only_step(cfg, rows)
     x = jax.random.normal(jax.random.PRNGKey(1), (rows, cfg.width), jnp.float32)
-    a = jax.random.normal(jax.random.PRNGKey(2), (2048, 2048), jnp.float32)
-    big = jax.jit(lambda m: m @ m * (1.0 / 2048))
     floor_s, engine_s, peak = [], [], []
     for _ in range(2):  # interleaved: this machine's speed drifts within minutes
-        floor_s.append(median_seconds(step, x, args.repeats))
+        floor_s.append(inference.timed(lambda: step(x), 4 * args.repeats))
         engine_s.append(inference.cached_step_seconds(engine, 0, args.repeats))
-        peak.append(2 * 2048 ** 3 / median_seconds(big, a, args.repeats, calls=3))
+        peak.append(measure_peak_flops(repeats=args.repeats))
     floor, engine_step, best_peak = min(floor_s), min(engine_s), max(peak)
     result = dict(
         benchmark="sampler_matmul_floor",
@@ -107,7 +92,7 @@ def main():
         matmul_only_step_s=floor, matmul_only_step_s_samples=floor_s,
         matmul_only_gflops=flops / floor / 1e9,
         engine_cached_step_s=engine_step, engine_cached_step_s_samples=engine_s,
-        peak_2048_gflops=best_peak / 1e9,
+        peak_matmul_gflops=best_peak / 1e9,
         matmul_only_fraction_of_peak=flops / floor / best_peak,
         engine_over_matmul_only=engine_step / floor,
         image_floor_s=SAMPLE_STEPS * floor,

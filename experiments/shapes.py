@@ -70,7 +70,7 @@ def shapes_tiny_quick():
     c = shapes_tiny()
     c.name = "shapes_tiny_quick"
     c.data.update(text_token_share=0.0, image_first_fraction=0.0)
-    c.diffusion.update(timestep_sampling="logit_normal", logit_normal_mean=0.7)
+    c.diffusion.logit_normal_mean = 0.7
     c.train.update(steps=6000, batch_size=2, log_every=100, checkpoint_every=1000,
                    sample_every=2000, eval_every=2000)
     c.optimizer.update(warmup_steps=20)

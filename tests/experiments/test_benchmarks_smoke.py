@@ -10,13 +10,16 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from tests.helpers import REPO_ROOT
+from tfusion.config import ModelConfig, model_config
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
 
 import summarize  # noqa: E402
+from sampler_matmul_floor import matmul_only_step  # noqa: E402
 from train_throughput import REFERENCE_PYTHON, reference_available  # noqa: E402
 
 SCENARIO_KEYS = ("tokens_per_s", "mfu", "peak_flops", "step_s_median", "packing_efficiency")
@@ -62,13 +65,6 @@ def test_train_throughput_writes_required_keys(tmp_path):
 def test_sampler_matmul_floor_counts_the_flops_xla_runs():
     """The matmul-only floor's hand count equals XLA's own FLOP count of the function
     (its dots dominate; the SwiGLU's elementwise work is < 1% at any width here)."""
-    from sampler_matmul_floor import matmul_only_step
-
-    import jax
-    import jax.numpy as jnp
-
-    from tfusion.config import ModelConfig, model_config
-
     cfg = model_config()
     cfg.update(vocab_size=64, width=128, depth=2, num_heads=4, num_kv_heads=2)
     cfg = ModelConfig.of(cfg)
