@@ -53,6 +53,10 @@ def train_config() -> ml_collections.ConfigDict:
     # Eval suite (tfusion/eval/suites.py: text, shapes, fid, all) run once when training
     # ends, on the sampling params; its scores are printed and logged. "" = none.
     c.final_eval_suite = ""
+    # (first, last): a jax.profiler trace of train steps first..last (1-based, as in
+    # metrics.jsonl) written to workdir/profile/ (TensorBoard's profile plugin,
+    # Perfetto); () = none. Skip the first steps: they include compilation.
+    c.profile_steps = ()
     c.sample_prompts = ("a red circle", "a large blue square at the center",
                         "a small green triangle at the top left and a yellow circle")
     # Non-finite loss/grads: the update is skipped and counted; after this many in a
@@ -71,6 +75,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     # Logical axis -> mesh axes overrides of tfusion/sharding.py's table, e.g.
     # {"activation_length": "tensor"} for sequence parallelism.
     c.rule_overrides = ml_collections.ConfigDict()
+    # Logical axes (tfusion/sharding.py) allowed to be replicated over a mesh axis that
+    # does not divide them. Anything else that does not divide is an error at start-up
+    # naming the parameter (or activation), so nothing is silently replicated at scale.
+    c.allow_replicated = ()
     return c
 
 

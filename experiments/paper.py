@@ -20,9 +20,14 @@ BATCH_ROWS = 512  # 512 x 4096 = 2M tokens per step
 MAX_IMAGE_SLOTS = 64  # caps M for small patch counts (p8: 16 patches per image)
 
 # U-Net channels per level (fine -> coarse), one level per halving of the latent
-# plus the patch-grid level. The paper gives only ~0.27B params at patch 2; the
-# other patch sizes keep the patch-2 widths at matching resolutions.
-UNET_CHANNELS = {1: (1344,), 2: (640, 1344), 4: (320, 640, 1344), 8: (160, 320, 640, 1344)}
+# plus the patch-grid level. The paper gives only ~0.27B params at patch 2 (these:
+# 0.262B at width 4096); the other patch sizes keep the patch-grid width and halve
+# it per finer level. Every width (and every skip concatenation, 1408 + 512 = 1920)
+# is a multiple of 128, so the U-Net's fsdp sharding (tfusion/sharding.py) divides
+# on the natural topologies (fsdp = 64 for 0.16B-0.76B, 128 for 1.4B and 7B:
+# docs/experiments.md) and fills 128-wide MXU tiles; the earlier (640, 1344) widths
+# did not divide over 128 devices (tests/model/test_sharding_scale.py).
+UNET_CHANNELS = {1: (1408,), 2: (512, 1408), 4: (256, 512, 1408), 8: (128, 256, 512, 1408)}
 
 
 def image_slots(seq_len: int, patches_per_image: int) -> int:
@@ -47,7 +52,10 @@ def paper_config(size: str, modality_layer: str = "linear", patch_size: int = 2)
                    latent_height=32, latent_width=32, latent_channels=8,
                    patch_size=patch_size, modality_layer=modality_layer,
                    unet_channels=UNET_CHANNELS[patch_size],
-                   dtype="bfloat16", remat_policy="dots_no_batch")
+                   dtype="bfloat16", remat_policy="dots_no_batch",
+                   # The block-sparse flash kernel of the platform (TPU/GPU), dense XLA
+                   # on CPU (tfusion/kernels/__init__.py, docs/attention.md).
+                   attention_kernel="auto")
     patches = (32 // patch_size) ** 2
     c.data.seq_len = SEQ_LEN
     c.data.max_images_per_row = image_slots(SEQ_LEN, patches)

@@ -8,6 +8,10 @@ generation + captioning scores on the built-in shapes data), fid, all. Writes
 workdir/eval/<suite>.json (+ .jsonl history) and samples grids. See
 docs/evaluation.md. A missing run or checkpoint exits with one `error: ...` line on
 stderr.
+
+The params (never the optimizer state) are restored sharded on a mesh of all devices
+shaped by the run's config.mesh; generation and the held-out passes run on it.
+--attention_kernel=xla|flash|auto overrides the run's model.attention_kernel.
 """
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _FID_FEATURES = flags.DEFINE_string("fid_features", "",
                                     "shapes FID feature network (.npz); default: the cache.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Hide progress bars.")
+_ATTENTION_KERNEL = flags.DEFINE_string(
+    "attention_kernel", None, "Attention kernel (tfusion/config.py ATTENTION_KERNELS: xla, "
+    "flash, auto, ...); default: the run's model.attention_kernel.")
 
 
 def _current_defaults():
@@ -48,8 +55,17 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("tfusion").setLevel(logging.INFO)
+    import jax
+
+    from tfusion.train import distributed
+
+    # Several processes (TFUSION_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, a
+    # SLURM job, a TPU slice) share one mesh; otherwise this stays single-process.
+    distributed.initialize()
+
     from tfusion.config import ConfigError
-    from tfusion.eval.checkpoints import RunNotFoundError, load_config, load_model
+    from tfusion.eval.checkpoints import (RunNotFoundError, load_config, load_model,
+                                          override_attention_kernel)
     from tfusion.inference.model_sampler import SamplingSettings
     from tfusion.eval.suites import EvalOptions, run_eval_suite, scalar_metrics
 
@@ -60,13 +76,16 @@ def main(argv) -> None:
                                   cfg_scale=cfg_scale, seed=_SEED.value),
         fid_features=_FID_FEATURES.value, progress=not _NO_PROGRESS.value)
     try:
-        model, config, step = load_model(_WORKDIR.value, _STEP.value,
-                                         load_config(_WORKDIR.value, _current_defaults()),
+        config = load_config(_WORKDIR.value, _current_defaults())
+        override_attention_kernel(config, _ATTENTION_KERNEL.value)
+        model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
                                          params=_PARAMS.value)
         results = run_eval_suite(_SUITE.value, model, config, _WORKDIR.value, step,
                                  options=options)
     except (RunNotFoundError, ConfigError) as e:  # e.g. the run's tokenizer file is gone
         sys.exit(f"error: {e}")  # the user's input is wrong: one line, no traceback
+    if jax.process_index() != 0:
+        return
     for name, value in sorted(scalar_metrics(results).items()):
         print(f"{name:50s} {value:.4f}")
 

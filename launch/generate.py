@@ -3,6 +3,7 @@
   python -m launch.generate --workdir=DIR --prompt="a red circle" --out=OUT_DIR
       [--image=PATH] [--num_samples=N --cfg_scale=S --steps=K --seed=X]
       [--max_new_tokens=T --max_images=I --temperature=... --top_k=... --top_p=...]
+      [--params=ema|raw --attention_kernel=xla|flash|auto]
 
 Without --image the prompt is `BOS prompt BOI`: an image first, then text until EOS
 or --max_new_tokens. With --image it is `BOS BOI image EOI prompt`: text about the
@@ -10,6 +11,11 @@ image (a caption when --prompt is empty). Writes OUT_DIR/sample_<i>_image_<j>.pn
 and OUT_DIR/sample_<i>.txt (the interleaved output, images as <image: file>).
 A missing run, checkpoint, tokenizer or unreadable --image exits with one
 `error: ...` line on stderr.
+
+The params (never the optimizer state) are restored sharded on a mesh of all devices
+shaped by the run's config.mesh, and sampling runs on that mesh. Several processes
+(a pod slice: start it on every host, as launch.train) each take part; the primary
+writes the files.
 """
 from __future__ import annotations
 
@@ -40,6 +46,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Samples per generate() call.")
+_ATTENTION_KERNEL = flags.DEFINE_string(
+    "attention_kernel", None, "Attention kernel for sampling (tfusion/config.py "
+    "ATTENTION_KERNELS: xla, flash, auto, ...); default: the run's model.attention_kernel.")
 
 
 class ImageInputError(ValueError):
@@ -99,18 +108,29 @@ def write_outputs(out_dir: str, first: int, generations, tokenizer, config) -> l
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax
+
+    from tfusion.train import distributed
+
+    # Several processes (TFUSION_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID, a
+    # SLURM job, a TPU slice) share one mesh; otherwise this stays single-process.
+    distributed.initialize()
+
     from tqdm import tqdm
 
     from data_pipelines import build_tokenizer
     from tfusion.config import ConfigError
-    from tfusion.eval.checkpoints import RunNotFoundError, load_model
-    from tfusion.inference.engine import Engine
+    from tfusion.eval.checkpoints import (RunNotFoundError, load_config, load_model,
+                                          override_attention_kernel)
     from tfusion.inference.generate import generate
     from tfusion.inference.options import GenerationOptions, SpecialTokens
-    from tfusion.inference.model_sampler import clip_for
+    from tfusion.inference.model_sampler import clip_for, sharded_engine
 
     try:
-        model, config, step = load_model(_WORKDIR.value, _STEP.value, params=_PARAMS.value)
+        config = load_config(_WORKDIR.value)
+        override_attention_kernel(config, _ATTENTION_KERNEL.value)
+        model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
+                                         params=_PARAMS.value)
         tokenizer = build_tokenizer(config)
         prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value)
     except (RunNotFoundError, ConfigError, ImageInputError) as e:
@@ -124,15 +144,21 @@ def main(argv) -> None:
         if flag.value is not None:
             overrides[key] = flag.value
     options = GenerationOptions.from_config(config, **overrides)
-    engine = Engine(model, config.diffusion)
+    engine = sharded_engine(model, config)
+    primary = jax.process_index() == 0
     special = SpecialTokens.from_tokenizer(tokenizer)
     progress = lambda n: tqdm(total=n, desc="diffusion", leave=False)
     n, size = _NUM_SAMPLES.value, _BATCH_SIZE.value
-    print(f"checkpoint step {step}; {n} sample(s); {options}")
+    if primary:
+        print(f"checkpoint step {step}; {n} sample(s); attention "
+              f"{config.model.attention_kernel}; {options}")
     for start in range(0, n, size):
         count = min(size, n - start)
         seeds = [_SEED.value + start + i for i in range(count)]
-        outs = generate(engine, [prompt] * count, special, options, seeds, progress=progress)
+        outs = generate(engine, [prompt] * count, special, options, seeds,
+                        progress=progress if primary else None)
+        if not primary:
+            continue
         for path in write_outputs(_OUT.value, start, outs, tokenizer, config):
             with open(path) as f:
                 print(f"{path}: {f.read().strip()}")

@@ -9,7 +9,8 @@ Re-running with the same --workdir resumes from its newest checkpoint. Multi-hos
 run the same command on every host; jax.distributed is initialised from the
 environment (TPU slice, SLURM), or from --coordinator_address/--num_processes/
 --process_id (or TFUSION_COORDINATOR_ADDRESS / TFUSION_NUM_PROCESSES /
-TFUSION_PROCESS_ID). See docs/training.md.
+TFUSION_PROCESS_ID). See docs/training.md. The trainer runs in a child process of
+this one (launch/supervise.py; TFUSION_SUPERVISE=0 runs it in this process).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from launch import supervise
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/registry.py:shapes_tiny",
@@ -63,7 +66,12 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    """Console script `tfusion-train`."""
+    """Console script `tfusion-train`: the trainer in a supervised child process
+    (launch/supervise.py: a fatal abort still ends with a line naming the checkpoint)."""
+    if supervise.supervised():
+        command = [sys.executable, "-m", "launch.train", *sys.argv[1:]]
+        sys.exit(supervise.supervise(command, supervise.workdir_from_argv(sys.argv[1:])))
+    supervise.exit_with_parent()
     app.run(main)
 
 

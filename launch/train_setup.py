@@ -32,8 +32,9 @@ def validate(config, num_devices: int | None = None, process_count: int | None =
 
 
 def final_evaluator(config, workdir: str) -> FinalEval | None:
-    """train.final_eval_suite on the trainer's params, writing workdir/eval/; None when
-    the config names no suite."""
+    """train.final_eval_suite on the trainer's params (sharded on the training mesh;
+    every process runs it, the primary writes workdir/eval/); None when the config
+    names no suite."""
     suite = config.train.get("final_eval_suite", "")
     if not suite:
         return None

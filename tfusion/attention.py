@@ -76,7 +76,10 @@ def key_ranges_from_info(info: MaskInfo) -> tuple[jax.Array, jax.Array]:
     query i are [doc_start(i), max(i, image_end(i)) + 1) because documents and
     images are contiguous. Assumes the key side is the row in sequence order
     (kv_index[j] == j, true for training and for a KV cache), so `q_index` indexes
-    the key arrays. Padding queries get the empty range [i, i).
+    the key arrays, and that no column of another segment (padding included) sits
+    inside a document: the range starts at the query's run of equal segment ids.
+    The KV cache keeps that by giving every row its own write index
+    (tfusion/inference/cache.py). Padding queries get the empty range [i, i).
     """
     seg, slot = info.kv_segment_ids, info.kv_slot
     lk = seg.shape[1]
@@ -98,11 +101,27 @@ def key_ranges_from_info(info: MaskInfo) -> tuple[jax.Array, jax.Array]:
 
 def key_ranges(segment_ids: np.ndarray, image_index: np.ndarray, patches_per_image: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    """numpy [B, L] key ranges of a batch (FLOPs, block-sparsity stats); see above."""
-    info = MaskInfo.from_batch(jnp.asarray(segment_ids, jnp.int32),
-                               jnp.asarray(image_index, jnp.int32), patches_per_image)
-    k_start, k_end = key_ranges_from_info(info)
-    return np.asarray(k_start), np.asarray(k_end)
+    """numpy [B, L] key ranges of a training batch (FLOPs, block-sparsity stats).
+
+    The same ranges as `key_ranges_from_info` (q = k = the row), in numpy on purpose:
+    the trainer's input-feed thread counts FLOPs with it, and a helper thread that
+    dispatches JAX work starves a device's participant in the train step's
+    collectives (XLA:CPU aborts the run). Tests hold the two derivations equal.
+    """
+    seg = np.asarray(segment_ids, np.int32)
+    idx = np.asarray(image_index, np.int32)
+    b, l = seg.shape
+    pos = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l))
+    slot = np.where(idx >= 0, idx // patches_per_image, -1)
+    edge = np.ones((b, 1), bool)
+    doc_begins = np.concatenate([edge, seg[:, 1:] != seg[:, :-1]], axis=1)
+    doc_start = np.maximum.accumulate(np.where(doc_begins, pos, 0), axis=1)
+    run_ends = np.concatenate([slot[:, 1:] != slot[:, :-1], edge], axis=1)
+    # Last index of each run of equal slots: a reversed running minimum.
+    run_end = np.minimum.accumulate(np.where(run_ends, pos, l)[:, ::-1], axis=1)[:, ::-1]
+    k_end = np.where(slot >= 0, np.maximum(pos, run_end), pos) + 1
+    valid = seg != 0
+    return np.where(valid, doc_start, pos), np.where(valid, k_end, pos)
 
 
 # Masked logits: exp(masked - row max) underflows to exactly 0, and a row with no

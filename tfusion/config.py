@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Names only: tfusion/model/transformer.py maps them to jax checkpoint policies and
 # tfusion/kernels/__init__.py to kernels (each checks it covers exactly these).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attention_out")
-ATTENTION_KERNELS = ("xla", "flash_tpu", "flash_gpu", "flash", "cudnn")
+ATTENTION_KERNELS = ("xla", "flash_tpu", "flash_gpu", "auto", "flash", "cudnn")
 # Names only: tfusion/diffusion.py implements the processes, predictions, weightings and
 # schedules, tfusion/inference/diffusion_samplers.py the samplers of each process.
 PROCESSES = ("ddpm", "flow")
@@ -29,6 +29,10 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 SCHEDULES = ("cosine", "linear")
 SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+# The token embedding and LM head have vocab_size rounded up to a multiple of this
+# many rows (model.padded_vocab_size = 0): Llama 2's 32002 ids = 2 x 16001 shard over
+# no tensor axis; 32128 = 251 x 128 shards over up to 128 ways (and fills MXU tiles).
+VOCAB_PAD_MULTIPLE = 128
 
 
 class ConfigError(ValueError):
@@ -86,6 +90,14 @@ class ModelConfig(_Section):
     SECTION = "model"
     # --- backbone (Llama-style: RMSNorm pre-norm, SwiGLU, RoPE) ---
     vocab_size: int = 32_000 + 2  # Llama 2's 32K sentencepiece + BOI/EOI appended
+    # Rows of the token embedding and LM head: ids vocab_size .. padded_vocab_size - 1
+    # exist only so the vocab axis shards evenly (tfusion/sharding.py); the model's
+    # logits there are a large negative constant, so they are never sampled and never
+    # enter a loss. 0 = vocab_size rounded up to VOCAB_PAD_MULTIPLE (128), resolved when
+    # the config is read, and written into the run's config by validate_config, so
+    # config.json records the number. Runs saved before padding existed have
+    # padded_vocab_size = vocab_size (no padding); tfusion/train/workdir.py says so.
+    padded_vocab_size: int = 0
     pad_id: int = 0  # id placed at patch positions and padding; never a loss target
     width: int = 768  # d_model
     depth: int = 16  # transformer blocks
@@ -114,10 +126,11 @@ class ModelConfig(_Section):
     patch_size: int = 2  # k x k latent patches (paper default 2 -> 256 patches)
     modality_layer: str = "linear"  # "linear" or "unet"
     # U-Net (paper: down blocks in, up blocks out, LayerNorm instead of AdaLN; ~0.27B
-    # params at paper scale). The paper gives no channel widths; these give 0.271B
-    # (encoder + decoder) at patch 2, width 4096 (0.262B at width 768; checked in
-    # tests/model/test_unet.py). One entry per level: log2(k) + 1.
-    unet_channels: tuple = (640, 1344)  # channels per level, fine to coarse
+    # params at paper scale). The paper gives no channel widths; these give 0.262B
+    # (encoder + decoder) at patch 2, width 4096 (0.253B at width 768), all multiples
+    # of 128 so they shard over fsdp (experiments/paper.py). One entry per level:
+    # log2(k) + 1.
+    unet_channels: tuple = (512, 1408)  # channels per level, fine to coarse
     unet_blocks_per_level: int = 2  # residual blocks per level
     timestep_embed_dim: int = 256  # sinusoidal features before the timestep MLP (U-Net)
     # --- how images enter the transformer (docs/experiments.md, "Chameleon baseline") ---
@@ -129,6 +142,10 @@ class ModelConfig(_Section):
     image_representation: str = "continuous"
     codebook_size: int = 0  # discrete: VQ codebook entries appended to the vocabulary
     image_tokens: int = 0  # discrete: VQ tokens per image (paper: 1024)
+
+    def __post_init__(self):
+        if self.padded_vocab_size == 0 and isinstance(self.vocab_size, int):
+            object.__setattr__(self, "padded_vocab_size", padded_vocab(self.vocab_size))
 
     # --- derived sizes ---
 
@@ -180,6 +197,11 @@ class ModelConfig(_Section):
                       f"{self.num_kv_heads} must divide num_heads={self.num_heads}")
         if self.mlp_hidden < 0:
             self.fail(prefix, "mlp_hidden", f"must be >= 0, got {self.mlp_hidden}")
+        if (not isinstance(self.padded_vocab_size, int)
+                or self.padded_vocab_size < self.vocab_size):
+            self.fail(prefix, "padded_vocab_size", f"{self.padded_vocab_size!r} must be an int "
+                                                   f">= vocab_size={self.vocab_size} (0 = "
+                                                   f"rounded up to {VOCAB_PAD_MULTIPLE})")
         if not 0 <= self.pad_id < self.vocab_size:
             self.fail(prefix, "pad_id", f"{self.pad_id} is outside the vocabulary [0, {self.vocab_size})")
         for field in ("latent_height", "latent_width"):
@@ -260,6 +282,15 @@ class DiffusionConfig(_Section):
                 self.fail(prefix, field, f"must be > 0, got {getattr(self, field)}")
         if self.loss_weight < 0:
             self.fail(prefix, "loss_weight", f"must be >= 0, got {self.loss_weight}")
+        if self.process == "flow" and self.prediction == "eps":
+            # x_t = (1 - t) x0 + t eps: recovering x0 = (x_t - t eps) / (1 - t) divides by
+            # the signal coefficient 1 - t, which is 0 where sampling starts (t = 1), so
+            # the first step's x0 (and the velocity) is inf; near t = 1 the division
+            # amplifies every error of eps. The velocity ("v") or "x0" has no pole.
+            self.fail(prefix, "prediction", "'eps' is undefined for process='flow': its x0 "
+                                            "= (x_t - t eps) / (1 - t) divides by 0 at t = 1, "
+                                            "where sampling starts; use 'v' (the velocity "
+                                            "eps - x0) or 'x0'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,8 +304,15 @@ class LossConfig(_Section):
             self.fail(prefix, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
 
 
+def padded_vocab(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """vocab_size rounded up to a multiple of `multiple`."""
+    return multiple * -(-vocab_size // multiple)
+
+
 def model_config() -> ml_collections.ConfigDict:  # what experiments override
-    return ml_collections.ConfigDict(ModelConfig().to_dict())
+    # padded_vocab_size stays 0 (derived from whatever vocab_size becomes) until
+    # validate_config resolves it.
+    return ml_collections.ConfigDict(dict(ModelConfig().to_dict(), padded_vocab_size=0))
 
 
 def diffusion_config() -> ml_collections.ConfigDict:

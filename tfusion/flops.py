@@ -69,7 +69,9 @@ def forward_flops(model_cfg, stats: TokenStats) -> float:
     dense = 2 * model_cfg.depth * block_matmul_params(model_cfg) * stats.tokens
     # q.k and p.v: 2 FLOPs per multiply-add, head_dim each, per head, per pair.
     attention = model_cfg.depth * 2 * 2 * model_cfg.num_heads * model_cfg.head_dim * stats.attended_pairs
-    lm_head = 2 * model_cfg.width * model_cfg.vocab_size * stats.lm_positions
+    # The LM head as executed: padded_vocab_size columns (the padded ids' logits are
+    # computed, then masked), like the U-Net's full kernels.
+    lm_head = 2 * model_cfg.width * model_cfg.padded_vocab_size * stats.lm_positions
     modality = modality_flops_per_image(model_cfg) * stats.images
     return float(dense + attention + lm_head + modality)
 

@@ -5,6 +5,16 @@ Parameters and activations name their axes logically ("embed", "mlp", ...);
 different table (or a few overrides from config.mesh.rule_overrides), never
 different model code. Mesh axes: data (pure data parallel), fsdp (data parallel
 with parameters and optimizer state sharded), tensor (Megatron-style heads/mlp).
+
+A mesh axis that does not divide the dimension its rule shards is an error
+(`ShardingError`, naming the parameter path or activation, the logical axis and the
+mesh axis), raised when the shardings are built (start-up) or the step is traced,
+never a silent replication that costs memory at scale. The explicit opt-out is per
+logical axis: `config.mesh.allow_replicated` (rule_table's `allow_replicated`), for
+dimensions genuinely too small to shard (tiny test models); such a dimension is then
+replicated over that mesh axis. `activation_batch` is always allowed: inference and
+evaluation take whatever rows they get, and training batches are checked up front
+(tfusion/train/validate.py validate_mesh_config names train.batch_size).
 """
 from __future__ import annotations
 
@@ -41,9 +51,13 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("patch", None),  # k*k*C patch vector of the linear modality layer
     ("timestep", None),
-    # U-Net modality layers are small next to the backbone: replicated.
-    ("unet_in", None),
-    ("unet_out", None),
+    # U-Net modality layers (~0.27B params at paper scale): ZeRO-3 over fsdp like the
+    # backbone, on their channel axes (multiples of 64 in the paper configs; a spec
+    # uses a mesh axis once, so each kernel is split on its first channel axis). The
+    # latent-facing channel axis (C = 8) and the 3x3 taps are never sharded.
+    ("unet_in", "fsdp"),
+    ("unet_out", "fsdp"),
+    ("unet_latent", None),
     ("conv_h", None),
     ("conv_w", None),
     # Autoencoders (tfusion/autoencoders) run outside the train step: replicated.
@@ -52,16 +66,42 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("vae_codebook", None),
 )
 
+# Reserved key of a rule table: the logical axes that may fall back to replication
+# when a mesh axis does not divide them (a tuple, so tables stay hashable as items).
+ALLOW_REPLICATED = "allow_replicated"
+# Always allowed: batch rows (see the module docstring).
+ALWAYS_REPLICABLE = ("activation_batch",)
+
 _log = logging.getLogger(__name__)
 
 
-def rule_table(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+class ShardingError(ValueError):
+    """A rule cannot shard a dimension: the mesh axis does not divide it."""
+
+
+def rule_table(overrides: Mapping[str, Any] | None = None,
+               allow_replicated: Sequence[str] = ()) -> dict[str, Any]:
+    """The rule table with config.mesh.rule_overrides applied; `allow_replicated`
+    (config.mesh.allow_replicated) names the logical axes allowed to fall back to
+    replication where a mesh axis does not divide them (anything else is an error)."""
     table = dict(LOGICAL_AXIS_RULES)
     for name, axes in (overrides or {}).items():
         if name not in table:
             raise ValueError(f"mesh.rule_overrides: unknown logical axis {name!r}")
         table[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    if isinstance(allow_replicated, str):
+        allow_replicated = (allow_replicated,)
+    for name in allow_replicated:
+        if name not in table:
+            raise ValueError(f"mesh.allow_replicated: unknown logical axis {name!r}; "
+                             f"known: {sorted(table)}")
+    table[ALLOW_REPLICATED] = tuple(sorted(set(ALWAYS_REPLICABLE) | set(allow_replicated)))
     return table
+
+
+def mesh_rules(mesh_config) -> dict[str, Any]:
+    """rule_table of a config.mesh section (rule_overrides and allow_replicated)."""
+    return rule_table(mesh_config.get("rule_overrides"), mesh_config.get("allow_replicated", ()))
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -98,22 +138,30 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], table: Mapping[str, Any],
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None
-                    ) -> PartitionSpec:
-    """Maps logical names to a PartitionSpec.
+def _axis_sizes(mesh) -> Mapping[str, int]:
+    """Mesh axis sizes of a Mesh, an AbstractMesh or a plain {axis: size} mapping."""
+    return mesh.shape if hasattr(mesh, "shape") else mesh
 
-    With `shape` and `mesh`, mesh axes that do not divide a dimension are dropped
-    (that dimension is replicated over them), so tiny test models shard whatever
-    divides; a mesh axis is never used twice in one spec.
+
+def logical_to_spec(logical_axes: Sequence[str | None], table: Mapping[str, Any],
+                    shape: Sequence[int] | None = None, mesh=None, what: str | None = None
+                    ) -> PartitionSpec:
+    """Maps logical names to a PartitionSpec; a mesh axis is never used twice in one spec.
+
+    With `shape` and `mesh` (a Mesh, AbstractMesh or {axis: size}), a mesh axis that
+    does not divide its dimension raises ShardingError naming `what` (the parameter
+    path or activation), the logical axis and the mesh axis, unless the logical axis
+    is in the table's allow_replicated: then that dimension is replicated over it.
     """
+    sizes = None if shape is None or mesh is None else _axis_sizes(mesh)
+    allowed = table.get(ALLOW_REPLICATED, ALWAYS_REPLICABLE)
     used: set[str] = set()
     out = []
     for dim, name in enumerate(logical_axes):
         if name is None:
             out.append(None)
             continue
-        if name not in table:
+        if name not in table or name == ALLOW_REPLICATED:
             raise KeyError(f"logical axis {name!r} is not in the rule table (tfusion/sharding.py)")
         axes = table[name]
         axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
@@ -121,10 +169,18 @@ def logical_to_spec(logical_axes: Sequence[str | None], table: Mapping[str, Any]
         for axis in axes:
             if axis in used:
                 continue
-            if shape is not None and mesh is not None:
-                size = mesh.shape[axis] * math.prod(mesh.shape[a] for a in kept)
-                if shape[dim] % size:
-                    continue
+            if sizes is not None:
+                ways = sizes[axis] * math.prod(sizes[a] for a in kept)
+                if shape[dim] % ways:
+                    if name in allowed:
+                        continue
+                    over = " x ".join(f"{a}={sizes[a]}" for a in (*kept, axis))
+                    raise ShardingError(
+                        f"{what or 'array'} {tuple(shape)} {tuple(logical_axes)}: dimension "
+                        f"{dim} (logical axis {name!r}, size {shape[dim]}) is not divisible "
+                        f"by mesh axis {axis!r} ({over} = {ways} ways). Change the size, the "
+                        f"rule (config.mesh.rule_overrides.{name}) or replicate it explicitly "
+                        f"(config.mesh.allow_replicated=({name!r},))")
             kept.append(axis)
         used.update(kept)
         out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
@@ -141,17 +197,27 @@ def state_logical_axes(state) -> Any:
                         is_leaf=_is_variable)
 
 
-def state_shardings(state, mesh: Mesh, table: Mapping[str, Any]):
-    """NamedSharding for every Variable of an (abstract) nnx.State, same tree structure."""
+def state_specs(state, mesh, table: Mapping[str, Any]):
+    """PartitionSpec of every Variable of an (abstract) nnx.State, same tree structure.
 
-    def one(var):
+    `mesh` may be abstract (an AbstractMesh or {axis: size}): the start-up check of a
+    topology needs no devices. Raises ShardingError naming the parameter path."""
+
+    def one(path, var):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
-            return NamedSharding(mesh, PartitionSpec())
-        spec = logical_to_spec(axes, table, var.shape, mesh)
-        return NamedSharding(mesh, spec)
+            return PartitionSpec()
+        return logical_to_spec(axes, table, var.shape, mesh,
+                               what=f"param {jax.tree_util.keystr(path)}")
 
-    return jax.tree.map(one, state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+
+
+def state_shardings(state, mesh: Mesh, table: Mapping[str, Any]):
+    """NamedSharding for every Variable of an (abstract) nnx.State, same tree structure."""
+    specs = state_specs(state, mesh, table)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 # The mesh and table used by `constrain` while tracing a step.
@@ -174,12 +240,15 @@ def active_sharding() -> tuple[Mesh, Mapping[str, Any]] | None:
     return _ACTIVE.get()
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], what: str = "activation"
+              ) -> jax.Array:
+    """Pins x to the active mesh; `what` names it in a ShardingError (raised at trace
+    time when a mesh axis does not divide a dimension its rule shards)."""
     active = _ACTIVE.get()
     if active is None:
         return x
     mesh, table = active
-    spec = logical_to_spec(logical_axes, table, x.shape, mesh)
+    spec = logical_to_spec(logical_axes, table, x.shape, mesh, what=what)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
@@ -193,14 +262,20 @@ def describe(mesh: Mesh) -> str:
     return " x ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
 
 
+def describe_sizes(sizes: Mapping[str, int]) -> str:
+    return " x ".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes)
+
+
 def warn_replicated(state, mesh: Mesh, table: Mapping[str, Any]) -> None:
-    """Logs parameters whose sharded axes fell back to replication (non-divisible)."""
+    """Logs parameters whose sharded axes fell back to replication: only logical axes
+    in the table's allow_replicated may (any other raises ShardingError, by path)."""
     for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=_is_variable):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
             continue
+        name = jax.tree_util.keystr(path)
         wanted = logical_to_spec(axes, table)
-        got = logical_to_spec(axes, table, var.shape, mesh)
+        got = logical_to_spec(axes, table, var.shape, mesh, what=f"param {name}")
         if wanted != got:
-            _log.warning("param %s %s: sharding %s reduced to %s (dims not divisible)",
-                         jax.tree_util.keystr(path), var.shape, wanted, got)
+            _log.warning("param %s %s: sharding %s reduced to %s (dims not divisible; "
+                         "allowed by mesh.allow_replicated)", name, var.shape, wanted, got)

@@ -27,7 +27,7 @@ def test_cached_text_decoding_matches_full_forward(scan_layers):
     cfg = config.model
     rng = np.random.default_rng(0)
     steps = 4
-    # Row 0 has an image in its prompt; row 1 is shorter (left-padded).
+    # Row 0 has an image in its prompt; row 1 is shorter (right-padded).
     docs = [[random_tokens(rng, 3, cfg.vocab_size), random_image(rng, cfg),
              random_tokens(rng, 2 + steps, cfg.vocab_size)],
             [random_tokens(rng, 2 + steps, cfg.vocab_size)]]
@@ -68,15 +68,16 @@ def test_diffusion_step_matches_full_forward(modality_layer, scan_layers):
     refs = [full_forward(model, pre + [img], t_value=t)[1][0] for pre, img in zip(prefixes, noisy)]
     _, cache, lengths = _prefill(engine, prefixes, max_len=24)
     p = engine.patches_per_image
-    start = int(cache.index)
+    start = np.asarray(cache.index)  # each row's frontier: its prompt's length
+    np.testing.assert_array_equal(start, lengths)
     block = CacheColumns(jnp.asarray(lengths[:, None] + np.arange(p)), jnp.ones((2, p), jnp.int32),
-                  jnp.full((2, p), start, jnp.int32))
+                  jnp.asarray(np.repeat(start[:, None], p, axis=1), jnp.int32))
     x_t = jnp.asarray(np.stack([img.latent for img in noisy]))
     # Twice at the same columns: the second call must not see the first one's k/v twice.
     for _ in range(2):
         eps, cache = engine.predict(cache, x_t, jnp.full((2,), t, jnp.float32), block)
         np.testing.assert_allclose(np.asarray(eps), np.stack(refs), atol=TOL)
-        assert int(cache.index) == start
+        np.testing.assert_array_equal(np.asarray(cache.index), start)
 
 
 def test_sharded_cache_matches_single_device():

@@ -55,3 +55,38 @@ def test_write_sample_grid(workdir, tmp_path):
     assert np.asarray(Image.open(path)).ndim == 3
     assert open(str(tmp_path / "samples" / "step_2.txt")).read().split("\n")[:2] == \
         ["a red circle", "a cat"]
+
+
+def _fails(args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def test_generate_and_evaluate_take_an_attention_kernel(workdir, tmp_path):
+    out = _run(["launch.generate", f"--workdir={workdir}", "--prompt=a red circle",
+                f"--out={tmp_path / 'flash'}", "--steps=2", "--max_new_tokens=2",
+                "--attention_kernel=flash"])
+    assert "attention flash" in out
+    assert os.path.isfile(str(tmp_path / "flash" / "sample_0_image_0.png"))
+    out = _run(["launch.evaluate", f"--workdir={workdir}", "--suite=text", "--no_progress",
+                "--attention_kernel=xla"])
+    assert "text/perplexity" in out
+    err = _fails(["launch.generate", f"--workdir={workdir}", f"--out={tmp_path / 'x'}",
+                  "--attention_kernel=nope"])
+    assert "error: config.model.attention_kernel" in err
+
+
+def test_exported_params_generate_like_the_run(workdir, tmp_path):
+    exported = str(tmp_path / "export")
+    _run(["launch.export", f"--workdir={workdir}", f"--out={exported}"])
+    _run(["launch.export", f"--workdir={workdir}", f"--out={tmp_path / 'st'}",
+          "--format=safetensors", "--params=raw"])
+    assert os.path.getsize(str(tmp_path / "st" / "model.safetensors")) > 0
+    args = ["--prompt=a red circle", "--steps=2", "--max_new_tokens=2"]
+    _run(["launch.generate", f"--workdir={workdir}", f"--out={tmp_path / 'a'}", *args])
+    _run(["launch.generate", f"--workdir={exported}", f"--out={tmp_path / 'b'}", *args])
+    a = np.asarray(Image.open(str(tmp_path / "a" / "sample_0_image_0.png")))
+    b = np.asarray(Image.open(str(tmp_path / "b" / "sample_0_image_0.png")))
+    np.testing.assert_array_equal(a, b)

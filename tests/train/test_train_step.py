@@ -50,8 +50,10 @@ def test_grad_accumulation_equals_full_batch(mesh_cfg):
         for key in ("loss", "loss_lm", "loss_diffusion", "grad_norm"):
             np.testing.assert_allclose(m_acc[key], m_full[key], rtol=1e-5, err_msg=key)
     for a, b in zip(_leaves(state2["params"]), _leaves(state["params"])):
-        # Adam divides by sqrt(v): tiny gradient rounding differences show up ~1e-7 abs.
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        # Adam divides by sqrt(v): tiny gradient rounding differences show up ~1e-7 abs,
+        # up to ~2.5e-6 on a near-zero gradient since the LM head's vocab is padded (64 ->
+        # 128 columns: the tensor shards reduce the log-partition in another order).
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-6)
 
 
 def test_nonfinite_batch_is_skipped_and_counted():

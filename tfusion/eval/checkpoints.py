@@ -1,9 +1,12 @@
 """A trained model from a run directory: workdir/config.json + workdir/checkpoints/<step>.
 
-Only the parameters are needed, but orbax restores the state it saved as a whole,
-so the optimizer state is restored too (abstractly typed, then dropped). A missing
-run directory, config.json or checkpoint raises RunNotFoundError, whose message is
-the one line the CLIs print.
+Only the parameters are read (the EMA or the raw ones, never the optimizer state:
+orbax restores just that entry of the saved state), straight into their shardings on
+a mesh built from the run's own mesh config (config.mesh, its rule table) over the
+available devices; nothing is gathered to one host. A directory written by
+launch.export (a params-only checkpoint) loads the same way. A missing run directory,
+config.json or checkpoint raises RunNotFoundError, whose message is the one line the
+CLIs print.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import logging
 import os
 from typing import Optional
 
-import jax
 import ml_collections
 from flax import nnx
 
@@ -70,6 +72,11 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
     with open(path) as f:
         saved = _tuples(json.load(f))
     _drop_retired(saved, path)
+    model = saved.get("model", {})
+    if "vocab_size" in model and "padded_vocab_size" not in model:
+        # Saved before the vocab was padded to a multiple of 128: its embedding and
+        # head have exactly vocab_size rows.
+        model["padded_vocab_size"] = model["vocab_size"]
     if defaults is None:
         return ml_collections.ConfigDict(saved)
     _merge(defaults, saved)
@@ -77,6 +84,19 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
 
 
 PARAMS = ("ema", "raw")
+
+
+def override_attention_kernel(config, kernel: Optional[str]) -> None:
+    """Sets config.model.attention_kernel (the CLIs' --attention_kernel; None = keep the
+    run's). A kernel only changes how attention is computed, never the params."""
+    from tfusion.config import ATTENTION_KERNELS, ConfigError
+
+    if kernel is None:
+        return
+    if kernel not in ATTENTION_KERNELS:
+        raise ConfigError("model.attention_kernel", f"--attention_kernel={kernel!r} is not "
+                          f"one of {ATTENTION_KERNELS}")
+    config.model.attention_kernel = kernel
 
 
 def _existing_step(checkpointer, step: Optional[int]) -> int:
@@ -93,34 +113,55 @@ def _existing_step(checkpointer, step: Optional[int]) -> int:
     return step
 
 
-def load_model(workdir: str, step: Optional[int] = None, config=None, params: str = "ema"):
-    """(model, config, step) from the newest (or given) checkpoint of a run.
+EXPORT_FILE = "export.json"  # launch.export: which params a params-only checkpoint holds
 
-    params: "ema" (default) = the EMA of the parameters where the run kept one
-    (train.ema_decay > 0; otherwise the raw parameters, with a log line); "raw" = the
-    optimizer's parameters."""
+
+def params_entry(saved: list[str], params: str, workdir: str) -> str:
+    """The entry of the saved state to read: "ema_params" for params="ema" where the
+    run kept an EMA, else "params" (with a log line saying so)."""
+    log = logging.getLogger(__name__)
+    exported = os.path.join(workdir, EXPORT_FILE)
+    if os.path.isfile(exported):
+        with open(exported) as f:
+            kind = json.load(f).get("params")
+        if kind and kind != params:
+            log.warning("%s holds the %s parameters only (exported); using them, not %s",
+                        workdir, kind, params)
+        return "params"
+    if params == "ema" and "ema_params" in saved:
+        return "ema_params"
+    if params == "ema":
+        log.info("the run has no EMA (train.ema_decay = 0): using the raw parameters")
+    return "params"
+
+
+def restore_params(workdir: str, step: Optional[int], config, params: str = "ema",
+                   devices=None) -> tuple[dict, int, str]:
+    """(params as a pure dict of sharded arrays, step, the entry read: "params" or
+    "ema_params"); see load_model. Only that entry of the checkpoint is read."""
     from tfusion import sharding
-    from tfusion.train import optimizer, state as state_lib
+    from tfusion.train import state as state_lib
     from tfusion.train.checkpoint import Checkpointer, short_error
-    from tfusion.train.params import abstract_model
 
     if params not in PARAMS:
         raise ValueError(f"params: unknown {params!r}; choose from {PARAMS}")
-    config = config or load_config(workdir)
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if not os.path.isdir(directory):  # Checkpointer would create it
         raise RunNotFoundError(f"no checkpoint in {directory}")
+    from tfusion.config import ConfigError
+    try:
+        mesh = sharding.make_mesh(config.mesh, devices)
+        table = sharding.mesh_rules(config.mesh)
+    except ValueError as e:  # e.g. the run's mesh axes do not divide these devices
+        raise ConfigError("mesh", f"{e} (the run's mesh section, on "
+                          f"{len(devices) if devices else 'all'} devices)") from e
+    abstract = state_lib.abstract_params(config.model, mesh, table)
     checkpointer = Checkpointer(directory, keep=1_000_000, async_save=False)
     try:
         step = _existing_step(checkpointer, step)
-        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-        table = sharding.rule_table(config.mesh.rule_overrides)
-        tx = optimizer.make_optimizer(config.optimizer)
-        ema = state_lib.uses_ema(config)
-        target = state_lib.abstract_state(
-            config.model, tx, state_lib.train_state_shardings(config.model, tx, mesh, table, ema=ema))
         try:
-            state, _ = checkpointer.restore(step, target)
+            key = params_entry(checkpointer.saved_entries(step), params, workdir)
+            restored = checkpointer.restore_entries(step, {key: abstract})[key]
         except Exception as e:  # orbax/tensorstore raise many types for broken files
             others = [s for s in checkpointer.all_steps() if s != step]
             raise UnreadableCheckpointError(
@@ -129,10 +170,23 @@ def load_model(workdir: str, step: Optional[int] = None, config=None, params: st
                 f"{', '.join(map(str, sorted(others))) or 'none'} (--step)") from e
     finally:
         checkpointer.close()
-    key = "ema_params" if params == "ema" and ema else "params"
-    if params == "ema" and not ema:
-        logging.getLogger(__name__).info("the run has no EMA (train.ema_decay = 0): using "
-                                         "the raw parameters")
+    return restored, int(step), key
+
+
+def load_model(workdir: str, step: Optional[int] = None, config=None, params: str = "ema",
+               *, devices=None):
+    """(model, config, step) from the newest (or given) checkpoint of a run.
+
+    params: "ema" (default) = the EMA of the parameters where the run kept one
+    (train.ema_decay > 0; otherwise the raw parameters, with a log line); "raw" = the
+    optimizer's parameters. The model's params are sharded on a mesh of `devices`
+    (default: all) shaped by config.mesh, as the run's rule table says; pass a config
+    with config.model.attention_kernel changed to sample with another kernel."""
+    from tfusion.train.params import abstract_model
+
+    if params not in PARAMS:
+        raise ValueError(f"params: unknown {params!r}; choose from {PARAMS}")
+    config = config or load_config(workdir)
+    restored, step, _ = restore_params(workdir, step, config, params, devices)
     graphdef, _ = abstract_model(config.model)
-    model = nnx.merge(graphdef, jax.device_get(state[key]))
-    return model, config, int(step)
+    return nnx.merge(graphdef, restored), config, step

@@ -157,9 +157,13 @@ def shapes_feature_fn(image_size: int, path: str = "") -> Callable[[np.ndarray],
     path = path or default_path(image_size)
     if not os.path.exists(path):
         _log.warning("no FID feature network at %s: training one (~1 min)", path)
+        # Every process of a multi-process run trains the same network (on its own
+        # device); only the primary writes the cache file.
         model, metrics = train_feature_net(image_size)
-        save_feature_net(model, metrics, path)
-    model, metrics = load_feature_net(path)
+        if jax.process_index() == 0:
+            save_feature_net(model, metrics, path)
+    else:
+        model, metrics = load_feature_net(path)
     if metrics["image_size"] != image_size:
         raise ValueError(f"{path} was trained at {metrics['image_size']} px, images are "
                          f"{image_size} px")

@@ -12,6 +12,11 @@
   all     every suite that applies to the data
 
 Results go to workdir/eval/<suite>.json (latest) and <suite>.jsonl (history).
+
+The model's params stay where they are (the training mesh, or load_model's): sampling
+and the held-out passes run sharded on that mesh. In a multi-process run every
+process calls run_eval_suite (each takes part in every computation and gets the same
+metrics); only the primary process writes files.
 """
 from __future__ import annotations
 
@@ -131,9 +136,9 @@ def shapes_suite(ctx: _Context) -> dict:
     gen_found = detect_batch(generated)
     captions = ctx.sampler.captions(real)
     shown = ctx.options.grid_images
-    write_grid(ctx.path("shapes_generation"), generated[:shown],
+    write_grid_file(ctx.path("shapes_generation"), generated[:shown],
                [r.caption for r in refs[:shown]])
-    write_grid(ctx.path("shapes_captions"), real[:shown], captions[:shown])
+    write_grid_file(ctx.path("shapes_captions"), real[:shown], captions[:shown])
     return {
         "generation": aggregate([score_image(s, _claims(d)) for s, d in zip(stated, gen_found)],
                                 counts),
@@ -168,7 +173,7 @@ def fid_suite(ctx: _Context) -> dict:
     train_real = np.stack([r.image for r in heldout_references(ctx.config, n, split="train")])
     real_stats = fid_lib.stats_of_images(split(real), feature_fn)
     shown = ctx.options.grid_images
-    write_grid(ctx.path("fid_samples"), generated[:shown],
+    write_grid_file(ctx.path("fid_samples"), generated[:shown],
                [r.caption for r in ctx.references(shown)])
     return {
         "fid": fid_lib.frechet_distance(fid_lib.stats_of_images(split(generated), feature_fn),
@@ -217,7 +222,7 @@ def digits_suite(ctx: _Context) -> dict:
     correct = read == np.asarray(wanted)
     order = np.argsort(np.arange(len(wanted)) % ctx.options.digits_per_class, kind="stable")
     shown = order[:min(ctx.options.grid_images, len(order))]  # one of each digit first
-    write_grid(ctx.path("digits_generation"), generated[shown],
+    write_grid_file(ctx.path("digits_generation"), generated[shown],
                [f"{prompts[i]} (read: {read[i]})" for i in shown], columns=10)
     return {
         "accuracy": float(np.mean(correct)),
@@ -245,18 +250,32 @@ def suites_for(name: str, config) -> tuple[str, ...]:
 
 
 def as_model(model_or_params, config) -> nnx.Module:
-    """An nnx model, or the trainer's params (a pure dict, merged with the graphdef).
-    Params are fetched to the host first: evaluation runs on the default device.
-    None passes through (suites that only use an injected sampler need no model)."""
+    """An nnx model, or the trainer's params (a pure dict, merged with the graphdef
+    where they lie: sharded params stay sharded). None passes through (suites that
+    only use an injected sampler need no model)."""
     if model_or_params is None or isinstance(model_or_params, nnx.Module):
         return model_or_params
     from tfusion.train.params import abstract_model
     graphdef, _ = abstract_model(config.model)
-    return nnx.merge(graphdef, jax.device_get(model_or_params))
+    return nnx.merge(graphdef, model_or_params)
+
+
+def is_primary() -> bool:
+    """The process that writes files (every process computes)."""
+    return jax.process_index() == 0
+
+
+def write_grid_file(path: str, images, texts, **kwargs) -> None:
+    if is_primary():
+        write_grid(path, images, texts, **kwargs)
 
 
 def write_result(workdir: str, name: str, result: dict) -> str:
+    """workdir/eval/<name>.json and a line of <name>.jsonl (the primary process only);
+    returns the .json path."""
     directory = os.path.join(workdir, "eval")
+    if not is_primary():
+        return os.path.join(directory, f"{name}.json")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}.json")
     with open(path, "w") as f:

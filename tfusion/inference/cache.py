@@ -3,14 +3,21 @@
 Layout: k, v stacked over layers and head-major, [depth, B, Hkv, S, Dh] (the
 stack is what `Transformer` scans over; head-major is the operand layout of the
 dense attention's einsums, so a decoding step reads the cache without transposing
-it), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty, left padding or a
-dummy write, never attended) and `slot` [B, S] (image id at patches, else -1).
-All rows share one write index, so every call writes the same cache columns in
-every row; a row with nothing to add writes segment id 0 there instead. That keeps
-shapes static across rows that are doing different things (text vs. image).
+it), plus per-slot mask ids: `segment_ids` [B, S] (0 = empty or dead, never
+attended) and `slot` [B, S] (image id at patches, else -1).
 
-An image's id is the cache index of its first patch: unique within a row and the
-same in every row, so prompt images and generated images never collide.
+Every row has its own write index (its frontier): columns [0, index) hold the row's
+sequence with no gaps, so each document's keys are contiguous, which is what the
+flash kernels' one key range per query needs (attention.key_ranges_from_info).
+A call writes L columns in every row (static shapes), each at the row's own
+index. A row with nothing to add in that call writes them with segment id 0
+("dead" columns) and is not advanced: they lie beyond its frontier, no query's
+range reaches them, and the row's next real write overwrites them. Only a block's
+leading live columns count: `commit` advances each row past its columns with a
+non-zero segment id, so a block is live columns first, dead ones after (a
+right-padded prompt).
+
+An image's id is the cache column of its first patch: unique within a row.
 """
 from __future__ import annotations
 
@@ -34,14 +41,17 @@ class KVCache:
     v: jax.Array
     segment_ids: jax.Array  # int32 [B, S]
     slot: jax.Array  # int32 [B, S]
-    index: jax.Array  # int32 []: next column to write, shared by all rows
+    index: jax.Array  # int32 [B]: each row's next column to write (its frontier)
 
     @property
     def max_len(self) -> int:
         return self.segment_ids.shape[1]
 
-    def advance(self, n: int) -> "KVCache":
-        return dataclasses.replace(self, index=self.index + n)
+    def commit(self, segment_ids: jax.Array) -> "KVCache":
+        """Advances each row past the live (segment id != 0) columns of the block
+        `segment_ids` [B, L] that the last `extend` wrote."""
+        live = (segment_ids != 0).sum(axis=1).astype(jnp.int32)
+        return dataclasses.replace(self, index=self.index + live)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
@@ -49,31 +59,40 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
     shape = (cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
     kv = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     ids = jnp.zeros((batch_size, max_len), jnp.int32)
-    return constrain_cache(KVCache(kv, kv, ids, ids - 1, jnp.zeros((), jnp.int32)))
+    return constrain_cache(KVCache(kv, kv, ids, ids - 1, jnp.zeros((batch_size,), jnp.int32)))
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
     """Batch over the data axes, kv heads over `tensor`, as in training."""
     return KVCache(constrain(cache.k, KV_AXES), constrain(cache.v, KV_AXES),
                    constrain(cache.segment_ids, ID_AXES), constrain(cache.slot, ID_AXES),
-                   cache.index)
+                   constrain(cache.index, ID_AXES[:1]))
+
+
+def _write_ids(ids: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """ids [B, S] with new [B, L] at columns index[b] + l (past S: dropped)."""
+    def row(c, n, i):
+        return c.at[i + jnp.arange(n.shape[0], dtype=jnp.int32)].set(n, mode="drop")
+    return jax.vmap(row)(ids, new, index)
 
 
 def extend(model, cache: KVCache, x, positions, segment_ids, slot):
-    """Runs L new positions at cache.index through the backbone.
+    """Runs L new positions at each row's cache.index through the backbone.
 
-    x [B, L, D] input embeddings; positions (RoPE), segment_ids (0 = dummy) and
+    x [B, L, D] input embeddings; positions (RoPE), segment_ids (0 = dead) and
     slot (image id or -1) are int32 [B, L]. Returns (final-normed hidden [B, L, D],
     cache holding the new k/v and ids, index NOT advanced: the caller commits with
-    `advance` or calls again at the same columns, as diffusion steps do).
+    `commit` or calls again at the same columns, as diffusion steps do).
+
+    The key side is the whole cache in column order (kv_index[j] == j), which
+    attention.key_ranges_from_info assumes; queries are at index[b] + arange(L).
     """
     b, l = segment_ids.shape
     if model.cfg.image_attention != "bidirectional":
         slot = jnp.full_like(slot, -1)  # the causal-image ablation: no image blocks
-    at = (0, cache.index)
-    kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, at)
-    kv_slot = jax.lax.dynamic_update_slice(cache.slot, slot, at)
-    q_index = cache.index + jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    kv_segment_ids = _write_ids(cache.segment_ids, segment_ids, cache.index)
+    kv_slot = _write_ids(cache.slot, slot, cache.index)
+    q_index = cache.index[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]
     kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     mask = attention.MaskInfo(segment_ids, slot, q_index, kv_segment_ids, kv_slot, kv_index)
     ctx = model.context(positions, mask, cache_index=cache.index)

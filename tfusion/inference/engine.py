@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tfusion import diffusion
 from tfusion.config import ConfigError, image_token_offset, is_discrete
@@ -24,7 +25,9 @@ from tfusion.sharding import activation_sharding, rule_table, state_shardings
 
 
 class Engine:
-    def __init__(self, model, diffusion_cfg, mesh=None, rules=None):
+    def __init__(self, model, diffusion_cfg, mesh=None, table=None):
+        """table: the run's logical-axis rule table (sharding.mesh_rules(config.mesh));
+        default the built-in one."""
         self.cfg = model.cfg
         # The discrete (Chameleon) baseline samples an image as image_tokens VQ codes,
         # token ids from code_offset on; Transfusion denoises patches of latents.
@@ -37,7 +40,7 @@ class Engine:
             side = math.isqrt(self.cfg.image_tokens)
             self.code_grid = ((side, side, 1) if side * side == self.cfg.image_tokens
                               else (1, self.cfg.image_tokens, 1))
-        self.mesh, self.table = mesh, rule_table(rules)
+        self.mesh, self.table = mesh, rule_table() if table is None else table
         self.graphdef, state = nnx.split(model)
         # Same class + config = same graph structure (ModelConfig is frozen, hashable).
         self._structure = (type(model), self.cfg)
@@ -127,9 +130,27 @@ def _jitted_step(fn, structure, mesh, table_items, static, graphdef: _Unhashed):
         state, cache = restack(state), restack(cache)
         with activation_sharding(mesh, table):
             out = fn(nnx.merge(graphdef, state), cache, *args, **kwargs)
+        out = _host_readable(out, mesh)
         return per_layer_caches(out) if cache_per_layer else out
 
     return jax.jit(run, static_argnames=static, donate_argnums=(1,))
+
+
+def _host_readable(out, mesh):
+    """Every output but the KV cache replicated over the mesh. The host loop reads
+    each step's tokens, logits and latents (small: [rows], [rows, V], [rows, H, W, C]);
+    on a mesh that spans processes a sharded array is not readable by one process.
+    Every process runs the same loop, so the gathers are collectives all join."""
+    if mesh is None:
+        return out
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(x):
+        if isinstance(x, cache_lib.KVCache) or not isinstance(x, jax.Array):
+            return x
+        return jax.lax.with_sharding_constraint(x, replicated)
+
+    return jax.tree.map(one, out, is_leaf=lambda x: isinstance(x, cache_lib.KVCache))
 
 
 # --- per-layer storage of layer-stacked arrays ----------------------------------------
@@ -157,10 +178,18 @@ def _stacked_over_layers(variable) -> bool:
     return bool(axes) and axes[0] == "layers"
 
 
+@jax.jit
+def _split_layers(stack):
+    # In a program, not eager slicing: a stack sharded over processes cannot be
+    # iterated on one host. The layer axis is never sharded, so each slice keeps the
+    # stack's sharding of the other axes.
+    return PerLayer(stack[i] for i in range(stack.shape[0]))
+
+
 def per_layer_weights(state):
     """The state with every layer-stacked parameter split into a PerLayer."""
     return jax.tree.map(
-        lambda v: v.replace(PerLayer(v[...])) if _stacked_over_layers(v) else v,
+        lambda v: v.replace(_split_layers(v[...])) if _stacked_over_layers(v) else v,
         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

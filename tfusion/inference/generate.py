@@ -1,20 +1,22 @@
 """The interleaved text-and-image generation loop (host side).
 
-Rows move in lockstep over one shared cache index, each in its own state:
+Each row is in its own state:
   text:  feed the row's last token, sample the next (BOI -> image, EOS -> done);
   image: denoise P noise patches against the cached prefix for `steps` steps
          (any prediction and process: inference/diffusion_samplers.py),
          write the clean image (t = 0) into the cache, then feed EOI;
          the discrete (Chameleon) baseline instead samples its image_tokens VQ codes
          one by one, restricted to the codebook's ids, then feeds EOI.
-Whenever some row needs an image, all rows pause for one image phase (rows not
-in it write dummy columns), so every jitted call has static shapes.
+Whenever some row needs an image, all rows pause for one image phase, so every
+jitted call has static shapes. Each row writes at its own cache index (cache.py):
+a row sitting out a call writes dead columns beyond its frontier and stays where
+it is, so a row's cache is exactly its sequence, with no gaps inside a document.
 
 With CFG (options.cfg_scale not None) every row r has a twin r + B: the
 unconditional stream. It writes nothing during text; at each image it starts a
-fresh document `BOS BOI` (what caption dropout trains on) and denoises the same
-x; the guided epsilon drives both (the discrete baseline: the guided logits pick
-each code, fed to both).
+fresh document `BOS BOI` at its own frontier (what caption dropout trains on) and
+denoises the same x; the guided epsilon drives both (the discrete baseline: the
+guided logits pick each code, fed to both).
 """
 from __future__ import annotations
 
@@ -53,13 +55,14 @@ class _Rows:
     """Host mirror of per-row decoding state (R = B or 2B rows)."""
 
     def __init__(self, batch: int, guided: bool, lengths: np.ndarray, last_tokens,
-                 image_limit: np.ndarray):
+                 image_limit: np.ndarray, image_columns: int):
         rows = 2 * batch if guided else batch
-        self.b, self.guided = batch, guided
-        self.pos = np.zeros(rows, np.int32)
+        self.b, self.guided, self.p = batch, guided, image_columns
+        self.pos = np.zeros(rows, np.int32)  # RoPE position in the row's document
         self.pos[:batch] = lengths
-        self.seg = np.zeros(rows, np.int32)
+        self.seg = np.zeros(rows, np.int32)  # the row's current document (twins: none yet)
         self.seg[:batch] = 1
+        self.col = np.zeros(rows, np.int32)  # cache frontier (host copy of cache.index)
         self.draws = np.zeros(rows, np.int32)  # text draws so far (key counters)
         self.n_sampled = np.zeros(batch, np.int32)  # tokens taken (max_new_tokens)
         self.images = np.zeros(rows, np.int32)  # images so far (key counters)
@@ -79,20 +82,30 @@ class _Rows:
         """Row mask over R rows: `cond` [B], twins never."""
         return np.concatenate([cond, np.zeros_like(cond)]) if self.guided else cond
 
+    def image_room(self, max_len: int, extra: np.ndarray | int = 0) -> np.ndarray:
+        """bool [B]: a row (and its twin) can still hold an image after `extra` more
+        columns of its own: the row needs P + 1 columns (image, EOI), the twin
+        2 + P (BOS BOI image)."""
+        cond = self.col[:self.b] + extra + self.p + 1 <= max_len
+        if self.guided:
+            cond &= self.col[self.b:] + 2 + self.p <= max_len
+        return cond
+
     def flush_text(self, r: int):
         if self.text[r]:
             self.out[r].append(np.asarray(self.text[r], np.int32))
             self.text[r] = []
 
 
-def default_max_len(prompt_len: int, batch: int, options: GenerationOptions, p: int,
+def default_max_len(prompt_len: int, options: GenerationOptions, p: int,
                     prompt_images: int) -> int:
-    """Worst case: rows start their sampled images at different times (each its own
-    phase). Prompts ending in BOI all start theirs in the first phase, which takes
-    one image's columns however many rows are in it. Rounded up to a multiple of 64
-    so prompts of similar length share compiled steps."""
-    images = batch * options.max_images + (1 if prompt_images else 0)
-    need = prompt_len + options.max_new_tokens + 2 + images * (p + 4)
+    """The longest row: its prompt, every sampled token fed back (BOIs included), and
+    each image's P columns plus its EOI; a CFG twin (BOS BOI and P per image) is never
+    longer, as every image but a prompt's BOI one costs a sampled BOI. Rows sitting
+    out a call take no columns. Rounded up to a multiple of 64 so prompts of similar
+    length share compiled steps."""
+    images = options.max_images + (1 if prompt_images else 0)
+    need = prompt_len + options.max_new_tokens + images * (p + 1) + 1
     return -(-need // 64) * 64
 
 
@@ -119,9 +132,9 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
     guided = options.cfg_scale is not None and (options.max_images > 0 or ends_boi.any())
     lay = layout_prompts(docs, engine.latent_shape, engine.cfg.patch_size, special.pad)
     max_len = options.max_len or default_max_len(
-        lay["tokens"].shape[1], b, options, p, int(ends_boi.sum()))
-    rows = _Rows(b, guided, lay["lengths"], lay["tokens"][:, -1],
-                 options.max_images + ends_boi)
+        lay["tokens"].shape[1], options, p, int(ends_boi.sum()))
+    last_tokens = lay["tokens"][np.arange(b), lay["lengths"] - 1]
+    rows = _Rows(b, guided, lay["lengths"], last_tokens, options.max_images + ends_boi, p)
     keys = engine.keys(list(seeds) * (2 if guided else 1))
     run = _Loop(engine, special, options, rows, keys, max_len)
     run.prefill(lay)
@@ -137,40 +150,52 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
     return [Generation(segments) for segments in rows.out]
 
 
+def _device(block: CacheColumns) -> CacheColumns:
+    return CacheColumns(*(jnp.asarray(a, jnp.int32) for a in
+                          (block.positions, block.segment_ids, block.slot)))
+
+
+def _live_columns(block: CacheColumns) -> np.ndarray:
+    """Columns each row commits from a host block (what KVCache.commit counts)."""
+    return (np.asarray(block.segment_ids) != 0).sum(axis=1).astype(np.int32)
+
+
 class _Loop:
     def __init__(self, engine, special, options, rows: _Rows, keys, max_len: int):
         self.engine, self.special, self.options, self.rows = engine, special, options, rows
         self.keys, self.max_len = keys, max_len
         self.n = len(rows.pos)
         self.cache = engine.new_cache(self.n, max_len)
-        self.index = 0  # host copy of cache.index
         self.schedule = engine.schedule(options.steps)
-        self.image_cost = (2 if rows.guided else 0) + engine.image_columns
         self.logits = None  # [R, V] at each row's last column, from the last text feed
 
-    def _block(self, live: np.ndarray, width: int, slot: int = -1) -> CacheColumns:
+    def _block(self, live: np.ndarray, width: int, image: bool = False) -> CacheColumns:
+        """Host block of `width` columns: live rows continue their document (an image's
+        id is the row's frontier, the column of its first patch); others are dead."""
         r = self.rows
         positions = np.where(live[:, None], r.pos[:, None] + np.arange(width), 0)
         segments = np.where(live[:, None], r.seg[:, None], 0).repeat(width, axis=1)
-        slots = np.where(live[:, None], slot, -1).repeat(width, axis=1)
-        return CacheColumns(*(jnp.asarray(a, jnp.int32) for a in (positions, segments, slots)))
+        slots = np.where(live & image, r.col, -1)[:, None].repeat(width, axis=1)
+        return CacheColumns(*(a.astype(np.int32) for a in (positions, segments, slots)))
 
-    def _banned(self, width: int) -> jnp.ndarray:
-        """Ids a row may not sample after writing `width` more columns."""
+    def _banned(self, new_columns: np.ndarray) -> jnp.ndarray:
+        """Ids a row may not sample after committing `new_columns` [R] more columns."""
         s, r = self.special, self.rows
         banned = np.zeros((self.n, self.engine.cfg.vocab_size), bool)
         banned[:, [s.pad, s.bos, s.eoi]] = True  # EOI is appended, never sampled
-        room = self.index + width + 1 + self.image_cost + 1 <= self.max_len  # BOI, EOI
-        banned[:, s.boi] = ~((r.images < r.image_limit) & room)
+        room = r.image_room(self.max_len, new_columns[:r.b] + 1)  # + the BOI itself
+        banned[:, s.boi] = ~r.twin((r.images[:r.b] < r.image_limit[:r.b]) & room)
         return jnp.asarray(banned)
 
     def _feed(self, tokens, block: CacheColumns, live: np.ndarray, image_index=None, images=None):
         """Writes a block of tokens, samples every live row's next token."""
         o, r = self.options, self.rows
+        new_columns = _live_columns(block)
         nxt, self.logits, self.cache = self.engine.text_step(
-            self.cache, jnp.asarray(tokens), block, self.keys, jnp.asarray(r.draws),
-            self._banned(tokens.shape[1]), o.temperature, o.top_p, image_index, images, top_k=o.top_k)
-        self.index += tokens.shape[1]
+            self.cache, jnp.asarray(tokens), _device(block), self.keys, jnp.asarray(r.draws),
+            self._banned(new_columns), o.temperature, o.top_p, image_index, images,
+            top_k=o.top_k)
+        r.col += new_columns
         self._accept(np.asarray(nxt)[:r.b], live)
         r.draws[:r.b] += live
 
@@ -178,8 +203,8 @@ class _Loop:
         r = self.rows
         pad_rows = self.n - r.b  # the unconditional twins write nothing yet
         extend = lambda a, v: np.concatenate([a, np.full((pad_rows,) + a.shape[1:], v, a.dtype)])
-        block = CacheColumns(*(jnp.asarray(extend(lay[k], v)) for k, v in
-                        (("positions", 0), ("segment_ids", 0), ("slot", -1))))
+        block = CacheColumns(*(extend(lay[k], v) for k, v in
+                               (("positions", 0), ("segment_ids", 0), ("slot", -1))))
         images = None
         if lay["images"].shape[1]:
             images = jnp.asarray(extend(lay["images"], 0.0))
@@ -206,8 +231,10 @@ class _Loop:
     def text_step(self):
         r = self.rows
         live = ~r.done & ~r.needs_image
-        if self.index + 1 > self.max_len:
-            r.done[:] = True
+        full = live & (r.col[:r.b] + 1 > self.max_len)  # no room to feed: stop these rows
+        r.done |= full
+        live &= ~full
+        if not live.any():
             return
         tokens = np.full((self.n, 1), self.special.pad, np.int32)
         tokens[:r.b, 0] = np.where(live, r.sampled, self.special.pad)
@@ -243,21 +270,23 @@ class _Loop:
     def image_phase(self, progress):
         r, e = self.rows, self.engine
         live = r.needs_image & ~r.done
-        if self.index + self.image_cost + 1 > self.max_len:  # no room: stop these rows
-            r.done |= live
+        full = live & ~r.image_room(self.max_len)  # no room: stop these rows
+        r.done |= full
+        live &= ~full
+        if not live.any():
             return
         both = r.twin(live)
-        if r.guided:  # fresh unconditional document per image: BOS BOI
+        if r.guided:  # fresh unconditional document per image, at the twin's frontier
             uncond = both & (np.arange(self.n) >= r.b)
             r.seg[uncond] += 1
             r.pos[uncond] = 0
             tokens = np.full((self.n, 2), self.special.pad, np.int32)
             tokens[uncond] = (self.special.bos, self.special.boi)
-            twin_logits, self.cache = e.prefill(self.cache, jnp.asarray(tokens),
-                                                self._block(uncond, 2))
+            block = self._block(uncond, 2)
+            twin_logits, self.cache = e.prefill(self.cache, jnp.asarray(tokens), _device(block))
             self.logits = jnp.where(jnp.asarray(uncond)[:, None], twin_logits, self.logits)
+            r.col += _live_columns(block)
             r.pos[uncond] = 2
-            self.index += 2
         x = self._code_image(both) if e.discrete else self._denoised_image(both, progress)
         for i in np.flatnonzero(live):
             r.flush_text(i)
@@ -271,16 +300,17 @@ class _Loop:
         """Transfusion: K diffusion steps of P patches, then the clean image is written
         into the cache. Returns latents [B, H, W, C]."""
         r, e = self.rows, self.engine
-        block = self._block(both, e.patches_per_image, slot=self.index)
+        block = self._block(both, e.patches_per_image, image=True)
+        device_block = _device(block)
         counters = jnp.asarray(r.images[:r.b])
         x = e.initial_noise(self.keys[:r.b], counters, e.latent_shape)
         bar = progress(self.schedule.num_steps) if progress else None
-        x = self._denoise(x, counters, block, bar)
+        x = self._denoise(x, counters, device_block, bar)
         if bar is not None:
             bar.close()
         clean = jnp.concatenate([x, x]) if r.guided else x
-        self.cache = e.commit_image(self.cache, clean, block)
-        self.index += e.patches_per_image
+        self.cache = e.commit_image(self.cache, clean, device_block)
+        r.col += _live_columns(block)
         r.pos += np.where(both, e.patches_per_image, 0).astype(np.int32)
         return np.asarray(x)
 
@@ -292,12 +322,13 @@ class _Loop:
         first_draw = r.images[:r.b] * tokens  # draw numbers of this image's codes
         codes = []
         for k in range(tokens):
+            block = self._block(both, 1)
             code, self.logits, self.cache = e.code_step(
                 self.cache, self.logits, self.keys[:r.b], jnp.asarray(first_draw + k),
-                self._block(both, 1), jnp.int32(e.code_offset), jnp.float32(o.cfg_scale or 1.0),
+                _device(block), jnp.int32(e.code_offset), jnp.float32(o.cfg_scale or 1.0),
                 o.image_temperature, o.top_p, top_k=o.image_top_k, guided=r.guided,
                 codebook_size=e.cfg.codebook_size)
             codes.append(code)
-            self.index += 1
+            r.col += _live_columns(block)
             r.pos += both.astype(np.int32)
         return np.stack([np.asarray(c) for c in codes], axis=1).reshape((r.b,) + e.code_grid)

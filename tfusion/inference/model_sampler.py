@@ -3,7 +3,13 @@
   ModelSampler.images(captions)  [BOS caption BOI] -> one image each (CFG as configured),
                                  as pixels in [-1, 1] through the image codec's decoder;
   ModelSampler.captions(pixels)  [BOS BOI image EOI] -> greedy text until EOS, decoded;
-  write_sample_grid              what the trainer writes every train.sample_every steps.
+  write_sample_grid              what the trainer writes every train.sample_every steps;
+  sharded_engine                 the inference Engine on the mesh the params lie on.
+
+Sampling runs where the params are: a model whose params are sharded on a mesh (the
+training mesh, or load_model's) samples on that mesh with the run's rule table, and in
+a multi-process run every process takes part (each runs the same host loop; only the
+primary writes files). Nothing gathers the params to one host.
 
 The eval suites take images/captions as plain callables, so they can be tested with
 stand-ins (a perfect renderer, a ground-truth captioner) and without a trained model.
@@ -15,14 +21,17 @@ import os
 import textwrap
 from typing import Callable, Optional, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from PIL import Image, ImageDraw, ImageFont
 
 from tfusion.autoencoders.image_codec import image_codec
 from tfusion.inference.engine import Engine
 from tfusion.inference.generate import generate
 from tfusion.inference.options import GenerationOptions, SpecialTokens
+from tfusion.sharding import mesh_rules
 
 ImagesFn = Callable[[Sequence[str]], np.ndarray]
 CaptionsFn = Callable[[np.ndarray], list]
@@ -66,7 +75,7 @@ class ModelSampler:
         self.config, self.settings, self.progress = config, settings, progress
         self.tokenizer = tokenizer
         self.special = SpecialTokens.from_tokenizer(self.tokenizer)
-        self.engine = Engine(model, config.diffusion)
+        self.engine = sharded_engine(model, config)
         overrides = {} if settings.steps is None else {"steps": settings.steps}
         if settings.cfg_scale != -1.0:
             overrides["cfg_scale"] = settings.cfg_scale
@@ -108,6 +117,25 @@ class ModelSampler:
         return self.progress(iterable, total=-(-total // self.settings.batch_size), desc=desc)
 
 
+def params_mesh(model) -> Optional[jax.sharding.Mesh]:
+    """The mesh a model's params are sharded on (None: not on a mesh, e.g. created
+    eagerly on the default device)."""
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def sharded_engine(model, config) -> Engine:
+    """An Engine on the mesh the model's params lie on, activations and caches placed
+    by the run's rule table (config.mesh.rule_overrides); without a mesh, the default
+    device. `config.model.attention_kernel` is the model's own (set when it was built)."""
+    mesh_cfg = config.get("mesh")
+    table = None if mesh_cfg is None else mesh_rules(mesh_cfg)
+    return Engine(model, config.diffusion, mesh=params_mesh(model), table=table)
+
+
 def as_model(model_or_params):
     """An nnx model from a model or a (graphdef, params) pair (params: State or pure dict)."""
     if isinstance(model_or_params, nnx.Module):
@@ -135,15 +163,18 @@ def write_sample_grid(model_or_params, config, tokenizer, prompts: Sequence[str]
     in out_path's .txt sibling. Returns out_path.
 
     steps None = config.diffusion.sample_steps; cfg_scale -1 = config's, None = off.
-    Image i uses seed + i, so a grid is reproducible and independent of batch_size.
+    Image i uses seed + i, so a grid is reproducible and independent of batch_size
+    and of the mesh. With params sharded over processes every process must call it
+    (the sampling is collective); the primary process writes the files.
     """
     settings = SamplingSettings(batch_size=batch_size, steps=steps, cfg_scale=cfg_scale,
                                 seed=seed)
     sampler = ModelSampler(as_model(model_or_params), config, tokenizer, settings)
-    write_grid(out_path, sampler.images(list(prompts)), list(prompts),
-               columns=min(8, len(prompts)))
-    with open(os.path.splitext(out_path)[0] + ".txt", "w") as f:
-        f.write("\n".join(prompts) + "\n")
+    images = sampler.images(list(prompts))
+    if jax.process_index() == 0:
+        write_grid(out_path, images, list(prompts), columns=min(8, len(prompts)))
+        with open(os.path.splitext(out_path)[0] + ".txt", "w") as f:
+            f.write("\n".join(prompts) + "\n")
     return out_path
 
 

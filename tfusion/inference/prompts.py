@@ -1,9 +1,9 @@
-"""Prompts -> one left-padded prefill block (numpy), via the batch contract's assembler.
+"""Prompts -> one right-padded prefill block (numpy), via the batch contract's assembler.
 
 A prompt is a document: a list of int token arrays and images (ImageSegment or a
 clean latent [H, W, C]), e.g. [BOS caption BOI] or [BOS BOI] latent [EOI].
-Rows are left-padded (segment id 0) so every prompt ends at the same column and
-decoding starts at one shared cache index.
+Rows are right-padded (segment id 0, dead columns): each row's prompt starts at its
+cache index and the row's frontier moves past its own length only (cache.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def image_ids(image_index: np.ndarray, columns: np.ndarray, patches_per_image: i
 
 def layout_prompts(prompts: Sequence, latent_shape, patch_size: int, pad_id: int,
                    start: int = 0) -> dict[str, np.ndarray]:
-    """Left-padded block for `prompts` written at cache column `start`.
+    """Right-padded block for `prompts` written at cache column `start` (an int, or
+    int [R]: each row's index).
 
     Returns tokens, positions, segment_ids, slot, image_index [R, L] and images
     [R, M, H, W, C] (M >= 1 only when some prompt has an image), and `lengths` [R].
@@ -55,11 +56,8 @@ def layout_prompts(prompts: Sequence, latent_shape, patch_size: int, pad_id: int
     spec = BatchSpec(len(docs), int(lengths.max()), max(document_images(d) for d in docs),
                      tuple(latent_shape), patch_size)
     batch = assemble_rows([[d] for d in docs], spec, pad_id)
-    shift = spec.seq_len - lengths
-    out = {}
-    for key in ("tokens", "positions", "segment_ids", "image_index"):
-        out[key] = np.stack([np.roll(row, s) for row, s in zip(batch[key], shift)])
-    columns = start + np.arange(spec.seq_len)[None, :]
+    out = {key: batch[key] for key in ("tokens", "positions", "segment_ids", "image_index")}
+    columns = np.reshape(start, (-1, 1)) + np.arange(spec.seq_len)[None, :]
     out["slot"] = image_ids(out["image_index"], columns, p)
     out["images"] = batch["images"]
     out["lengths"] = lengths

@@ -3,7 +3,7 @@
 They reuse the model's own pieces (embed_tokens, encode_images, mix_inputs,
 backbone via cache.extend, final_norm, logits, decode_images); `engine.Engine`
 jits them. Every array has a static shape: B (or 2B with CFG) rows, and a block
-of L new cache columns written at cache.index for all rows.
+of L new cache columns written at each row's own cache.index (cache.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ TEXT_STREAM, IMAGE_STREAM = 0, 1
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CacheColumns:
-    """Where L new columns go, per row: int32 [R, L] each. segment 0 = dummy write."""
+    """What L new columns hold, per row: int32 [R, L] each. Segment 0 = dead: a row
+    with nothing to add (its columns are written beyond its frontier, not committed);
+    a row's live columns come first (cache.KVCache.commit)."""
 
     positions: jax.Array
     segment_ids: jax.Array
@@ -43,13 +45,16 @@ def embed_prompt(model, tokens, image_index, images):
 
 
 def prefill(model, cache: KVCache, tokens, block: CacheColumns, image_index=None, images=None):
-    """Writes a (left-padded) block of text and clean images; commits it.
+    """Writes a (right-padded) block of text and clean images; commits its live columns.
 
-    Returns (float32 logits [R, V] at the block's last column, cache).
+    Returns (float32 logits [R, V] at each row's last live column, cache); a row with
+    no live column gets the logits at its first (dead) column, meaningless.
     """
     x = embed_prompt(model, tokens, image_index, images)
     hidden, cache = extend(model, cache, x, block.positions, block.segment_ids, block.slot)
-    return model.logits(hidden[:, -1:])[:, 0], cache.advance(tokens.shape[1])
+    last = jnp.maximum((block.segment_ids != 0).sum(axis=1) - 1, 0).astype(jnp.int32)
+    hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)
+    return model.logits(hidden)[:, 0], cache.commit(block.segment_ids)
 
 
 def row_keys(keys, stream: int, counters):
@@ -63,7 +68,7 @@ def text_step(model, cache: KVCache, tokens, block: CacheColumns, keys, counters
     """Feeds a block of tokens [R, L] (a prompt, or one token per row) and samples
     each row's next token with the row's draw number `counters` [R].
 
-    Returns (next tokens int32 [R], logits [R, V] at the last column, cache).
+    Returns (next tokens int32 [R], logits [R, V] at each row's last live column, cache).
     """
     logits, cache = prefill(model, cache, tokens, block, image_index, images)
     next_tokens = sample_tokens(logits, row_keys(keys, TEXT_STREAM, counters),
@@ -81,7 +86,7 @@ def code_step(model, cache: KVCache, logits, keys, counters, block: CacheColumns
     (samplers.guide: exactly c at s = 1), restricted to the codebook's ids
     [offset, offset + codebook_size). Draw number `counters` [B] of each row's image
     stream. The code is written for the conditional row and its twin (block:
-    segment 0 = dummy). Returns (codes int32 [B] in [0, codebook_size), the logits
+    segment 0 = a row outside the image phase). Returns (codes int32 [B] in [0, codebook_size), the logits
     after feeding them, cache committed).
     """
     b = keys.shape[0]
@@ -101,7 +106,7 @@ def image_block(model, cache: KVCache, x_t, t, block: CacheColumns):
     """Runs P patches of latents x_t [R, H, W, C] at steps t [R] against the cache.
 
     Returns (final hidden [R, P, D], modality skips, cache with the block's k/v
-    written at cache.index, not committed).
+    written at each row's cache.index, not committed).
     """
     patch_emb, skips = model.encode_images(x_t[:, None], t[:, None])
     x = constrain(patch_emb[:, 0], ("activation_batch", "activation_length", "activation_embed"))
@@ -185,4 +190,4 @@ def commit_image(model, cache: KVCache, x0, block: CacheColumns):
     """Writes the finished image (t = 0, like a prompt image) into the cache; commits it."""
     t = jnp.zeros((x0.shape[0],), jnp.int32)
     _, _, cache = image_block(model, cache, x0, t, block)
-    return cache.advance(block.positions.shape[1])
+    return cache.commit(block.segment_ids)

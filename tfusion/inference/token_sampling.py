@@ -32,10 +32,19 @@ def filter_top_p(logits, p):
 def sample_tokens(logits, keys, *, temperature, top_k: int = 0, top_p=1.0, banned=None):
     """logits float32 [B, V], keys [B] -> int32 [B].
 
-    temperature 0 is greedy (argmax). `banned` bool [B, V] marks ids never produced
-    (e.g. pad, EOI, or BOI once a row may not start another image).
+    temperature 0 is greedy (argmax). `banned` bool [B, V'] marks ids never produced
+    (e.g. pad, EOI, or BOI once a row may not start another image). V' may be less than
+    V: the model's logits cover model.padded_vocab_size ids, a caller's mask the real
+    vocab_size; ids past the mask (the padding) are banned too.
     """
     if banned is not None:
+        extra = logits.shape[-1] - banned.shape[-1]
+        if extra < 0:
+            raise ValueError(f"banned mask covers {banned.shape[-1]} ids, logits only "
+                             f"{logits.shape[-1]}")
+        if extra:
+            banned = jnp.pad(banned, [(0, 0)] * (banned.ndim - 1) + [(0, extra)],
+                             constant_values=True)
         logits = jnp.where(banned, NEG_INF, logits)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)

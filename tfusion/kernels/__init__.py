@@ -5,7 +5,9 @@ point the model calls (`dot_product_attention`):
              and the reference
   flash_tpu  block-sparse Pallas TPU kernel (interpreted when not on TPU)
   flash_gpu  block-sparse Pallas Triton kernel (interpreted when not on GPU)
-  flash      flash_tpu on TPU, flash_gpu on GPU, the dense xla path on CPU
+  auto       flash_tpu on TPU, flash_gpu on GPU, the dense xla path on CPU: one config
+             for every platform (the paper configs' default)
+  flash      an alias of auto (the name before auto; configs of earlier runs use it)
   cudnn      cuDNN with the dense mask (GPU only; a baseline)
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ def flash_kernel(settings: FlashSettings):
 
 
 def platform_flash(q, k, v, info, *, scale=None):
+    """`auto`: the platform's flash kernel, or the dense XLA path where there is none."""
     name = {"tpu": "flash_tpu", "gpu": "flash_gpu"}.get(jax.default_backend(), "xla")
     return KERNELS[name](q, k, v, info, scale=scale)
 
@@ -44,6 +47,7 @@ AttentionKernel = Callable[..., jax.Array]
 KERNELS: dict[str, AttentionKernel] = {
     "xla": attention.xla_attention,
     **{name: flash_kernel(settings) for name, settings in SETTINGS.items()},
+    "auto": platform_flash,
     "flash": platform_flash,
     "cudnn": cudnn_attention,
 }

@@ -5,8 +5,8 @@ Parameters are always stacked, so a checkpoint does not depend on how the stack
 runs: `scan_layers=True` runs it with lax.scan (compile time independent of depth),
 False unrolls a Python loop over layer slices (faster steps on some backends).
 Each block is rematerialised by the policy named in config.model.remat_policy.
-With a KV cache (decoding), each block writes this call's keys and values at
-`cache_index` and attends over the whole cache.
+With a KV cache (decoding), each block writes this call's keys and values at each
+row's `cache_index` and attends over the whole cache.
 """
 from __future__ import annotations
 
@@ -37,14 +37,25 @@ assert tuple(REMAT_POLICIES) == config_lib.REMAT_POLICIES, "config.REMAT_POLICIE
 class BlockContext:
     """Per-forward inputs every block shares (computed once, not per layer).
 
-    `cache_index` is where this call's keys are written in a KV cache (decoding);
-    None in training, where keys are exactly this call's positions.
+    `cache_index` (int32 [B]) is where each row's keys of this call are written in a
+    KV cache (decoding); None in training, where keys are exactly this call's positions.
     """
 
     sin: jax.Array
     cos: jax.Array
     mask: attention.MaskInfo
     cache_index: Optional[jax.Array] = None
+
+
+def write_columns(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [B, Hkv, S, Dh] with new [B, L, Hkv, Dh] written at columns
+    index[b] .. index[b] + L - 1 of row b (index int32 [B]). A per-row scatter (batched,
+    so it stays shard-local and in place); columns past S are dropped, never clamped
+    onto earlier ones."""
+    def row(c, n, i):
+        cols = i + jax.numpy.arange(n.shape[0], dtype=jax.numpy.int32)
+        return c.at[:, cols].set(n.swapaxes(0, 1).astype(c.dtype), mode="drop")
+    return jax.vmap(row)(cache, new, index)
 
 
 class SelfAttention(nnx.Module):
@@ -80,10 +91,8 @@ class SelfAttention(nnx.Module):
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         if cache is not None:  # head-major [B, Hkv, S, Dh]: write this call's columns
-            at = (0, 0, ctx.cache_index, 0)
-            cache = {name: jax.lax.dynamic_update_slice(
-                cache[name], new.transpose(0, 2, 1, 3).astype(cache[name].dtype), at)
-                for name, new in (("k", k), ("v", v))}
+            cache = {name: write_columns(cache[name], new, ctx.cache_index)
+                     for name, new in (("k", k), ("v", v))}
             # The kernels take [B, S, Hkv, Dh]; the XLA kernel works head-major, and its
             # transpose cancels this one, so the cache is read where it lies.
             k, v = (cache[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))

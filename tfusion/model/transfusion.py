@@ -27,6 +27,21 @@ from tfusion.model.transformer import BlockContext, Transformer
 from tfusion.sharding import constrain
 from tfusion.model.unet import UNetDecoder, UNetEncoder
 
+# The logit of every padded id (vocab_size .. padded_vocab_size - 1): exp() of it is 0
+# in float32 next to any real logit, so it never enters a softmax, a loss or a sample;
+# finite, so differences and 0 * logit stay finite (no inf - inf).
+PAD_LOGIT = -1e30
+
+
+def pad_vocab(param: nnx.Param, size: int, axis: int) -> nnx.Param:
+    """`param` with zero rows appended along its vocab `axis` up to `size`. The real rows
+    are drawn exactly as an unpadded model's (same shape, same key), so padding changes
+    no weight; the padded ones are never looked up, get no gradient and stay 0."""
+    value = param[...]
+    widths = [(0, 0)] * value.ndim
+    widths[axis] = (0, size - value.shape[axis])
+    return nnx.Param(jnp.pad(value, widths), logical_axes=param.get_metadata()["logical_axes"])
+
 
 class LinearPatchEncoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -72,13 +87,16 @@ class Transfusion(nnx.Module):
         """cfg: config.model (a ConfigDict; validated into a ModelConfig) or a ModelConfig."""
         self.cfg = cfg = ModelConfig.of(cfg)
         self.patches_per_image = cfg.patches_per_image
-        self.embed = make_param(rngs, (cfg.vocab_size, cfg.width), ("vocab", "embed"),
-                                cfg.init_std)
+        # padded_vocab_size rows (tfusion/config.py): the vocab axis shards evenly.
+        self.embed = pad_vocab(make_param(rngs, (cfg.vocab_size, cfg.width), ("vocab", "embed"),
+                                          cfg.init_std), cfg.padded_vocab_size, 0)
         self.backbone = Transformer(cfg, rngs=rngs)
         self.final_norm = RMSNorm(cfg.width, "embed", cfg.norm_eps, cfg.dtype)
         self.lm_head = None if cfg.tie_embeddings else Dense(
             cfg.width, (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs,
             std=cfg.init_std, dtype=cfg.dtype)
+        if self.lm_head is not None:
+            self.lm_head.kernel = pad_vocab(self.lm_head.kernel, cfg.padded_vocab_size, 1)
         self.image_encoder, self.image_decoder = make_image_layers(cfg, rngs)
 
     # --- pieces, reused by cached inference ---
@@ -87,13 +105,19 @@ class Transfusion(nnx.Module):
         return jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final hidden [B, L, D] (already normed) -> float32 logits [B, L, V]."""
+        """Final hidden [B, L, D] (already normed) -> float32 logits [B, L, V], V =
+        padded_vocab_size; the padded ids' logits are PAD_LOGIT. The vocab axis stays
+        whole and sharded (slicing it to vocab_size would gather it)."""
         if self.lm_head is None:
             out = jnp.einsum("bld,vd->blv", hidden, self.embed[...].astype(hidden.dtype))
         else:
             out = self.lm_head(hidden)
-        out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
-        return out.astype(jnp.float32)
+        out = constrain(out, ("activation_batch", "activation_length", "activation_vocab"),
+                        what="logits").astype(jnp.float32)
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size:
+            ids = jax.lax.broadcasted_iota(jnp.int32, out.shape, out.ndim - 1)
+            out = jnp.where(ids < self.cfg.vocab_size, out, PAD_LOGIT)
+        return out
 
     def encode_images(self, latents: jax.Array, t: jax.Array):
         """latents [B, M, H, W, C], model times t [B, M] (float; the ddpm step, or flow

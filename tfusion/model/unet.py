@@ -39,6 +39,10 @@ from tfusion.model.layers import (Conv, Dense, LayerNorm, TimestepMLP, grid_to_p
                                   patches_to_grid)
 
 CONV_AXES = ("conv_h", "conv_w", "unet_in", "unet_out")
+# The convolutions that read / write the latent: its C channels (8 at paper scale) are
+# too few to shard, so they carry their own logical name (tfusion/sharding.py).
+CONV_IN_AXES = ("conv_h", "conv_w", "unet_latent", "unet_out")
+CONV_OUT_AXES = ("conv_h", "conv_w", "unet_in", "unet_latent")
 TEMB_MULT = 4  # timestep-embedding width = TEMB_MULT * unet_channels[0] (ADM)
 
 
@@ -72,9 +76,9 @@ def decoder_blocks(cfg) -> list[tuple[int, int, int]]:
 
 
 def conv3x3(c_in: int, c_out: int, *, rngs: nnx.Rngs, stride: int = 1,
-            std: float | None = None, dtype: str = "float32") -> Conv:
+            std: float | None = None, dtype: str = "float32", axes=CONV_AXES) -> Conv:
     """3x3 'same' convolution with the U-Net's axis names."""
-    return Conv(c_in, c_out, CONV_AXES, rngs=rngs, stride=stride, std=std, dtype=dtype)
+    return Conv(c_in, c_out, axes, rngs=rngs, stride=stride, std=std, dtype=dtype)
 
 
 class ResBlock(nnx.Module):
@@ -102,7 +106,8 @@ class UNetEncoder(nnx.Module):
         chans, dt, temb = tuple(cfg.unet_channels), cfg.dtype, temb_dim(cfg)
         self.n_levels, self.per_level = num_levels(cfg), cfg.unet_blocks_per_level
         self.t_embed = TimestepMLP(cfg.timestep_embed_dim, temb, "unet_in", rngs=rngs, dtype=dt)
-        self.conv_in = conv3x3(cfg.latent_channels, chans[0], rngs=rngs, dtype=dt)
+        self.conv_in = conv3x3(cfg.latent_channels, chans[0], rngs=rngs, dtype=dt,
+                               axes=CONV_IN_AXES)
         self.blocks = nnx.List([ResBlock(ci, co, temb, rngs=rngs, dtype=dt)
                                 for _, ci, co in encoder_blocks(cfg)])
         self.downs = nnx.List([conv3x3(ch, ch, stride=2, rngs=rngs, dtype=dt)
@@ -138,7 +143,8 @@ class UNetDecoder(nnx.Module):
         # ups[i] follows decoder level n_levels-1-i (levels run from coarse to fine).
         self.ups = nnx.List([conv3x3(ch, ch, rngs=rngs, dtype=dt) for ch in chans[:0:-1]])
         self.out_norm = LayerNorm(chans[0], "unet_in", dtype=dt)
-        self.conv_out = conv3x3(chans[0], cfg.latent_channels, std=0.0, rngs=rngs, dtype=dt)
+        self.conv_out = conv3x3(chans[0], cfg.latent_channels, std=0.0, rngs=rngs, dtype=dt,
+                                axes=CONV_OUT_AXES)
 
     def __call__(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
         """hidden [N, P, D], encoder skips, t [N] -> predicted epsilon [N, H, W, C] f32."""

@@ -8,6 +8,11 @@ the device->host copy happens in save(), the writes in the background, so the
 to a temporary directory and renames it when complete, so a run killed mid-save
 resumes from the previous complete checkpoint.
 
+Where only some of the state is needed (the params or their EMA for sampling,
+evaluation and export), `restore_entries` reads just those top-level entries of
+`state` (orbax partial restore): the optimizer moments are never read.
+A params-only checkpoint (launch.export) has a `state` item alone.
+
 Faults (docs/reliability.md): a checkpoint that cannot be read (a file truncated or
 missing after it was finalised) is moved aside to checkpoints_unreadable/<step> and
 the previous one is restored, with a warning naming both; a save that fails (disk
@@ -23,6 +28,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
 _log = logging.getLogger(__name__)
@@ -52,18 +58,21 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: dict, iterator_states: list) -> None:
+    def save(self, step: int, state: dict, iterator_states: list | None) -> None:
         """Saves unless `step` is already saved (e.g. a SIGTERM right after a periodic save).
+        iterator_states None: the `state` item alone (a params-only export).
 
         An error of the previous (async) save surfaces here, or in wait()/close()."""
         if step == self._last_saved or step in self._manager.all_steps():
             return
         self.check_for_errors()
         previous, self._last_saved = self._last_saved, step
-        data = {"process_count": len(iterator_states), "iterators": iterator_states}
+        items = dict(state=ocp.args.StandardSave(state))
+        if iterator_states is not None:
+            items["data"] = ocp.args.JsonSave(
+                {"process_count": len(iterator_states), "iterators": iterator_states})
         try:
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:
             self._last_saved = previous
             raise self._save_error(step, e) from e
@@ -136,6 +145,21 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
         return out["state"], out["data"]
+
+    def saved_entries(self, step: int) -> list[str]:
+        """Top-level keys of the state saved at `step` ("params", "opt_state", ...), from
+        its tree metadata: no array is read."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        return sorted(ocp.PyTreeCheckpointHandler().metadata(path).tree.keys())
+
+    def restore_entries(self, step: int, target: dict) -> dict:
+        """The top-level entries of the saved state that `target` names (e.g.
+        {"ema_params": ShapeDtypeStructs with their shardings}), straight into those
+        shardings; nothing else of the checkpoint (optimizer state, data) is read."""
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)
+        return self._manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
     def wait(self) -> None:
         try:

@@ -2,8 +2,13 @@
 
 Why a thread: the loop must stay responsive while the input pipeline is slow or
 stalled (a SIGTERM with a grace period has to be answered with a checkpoint, not
-ignored until the next batch arrives), and preparing batch n+1 (packing, the
-host->device copy) overlaps step n instead of following it.
+ignored until the next batch arrives), and preparing batch n+1 (packing, the FLOP
+count) overlaps step n instead of following it.
+
+The thread runs numpy only: JAX work dispatched beside a running step (even a small
+jnp op on one device) can starve one device's participant in the step's collectives,
+and XLA:CPU then aborts the whole run. The trainer builds device arrays on its own
+thread.
 
 Exact resume survives the read-ahead: every batch travels with the iterator state
 *after* it (and the iterator's cumulative data counts), and `state` / `data_counts`
@@ -40,8 +45,8 @@ class _Failure:
 class BatchFeed:
     """Reads `iterator` on a daemon thread, at most `ahead` batches ahead of the loop.
 
-    `prepare(local_batch)` runs on the feed thread too (e.g. building the global
-    device arrays), so its cost also overlaps the running step.
+    `prepare(local_batch)` runs on the feed thread too (host-side numpy work, e.g.
+    counting the batch's FLOPs), so its cost also overlaps the running step.
     """
 
     def __init__(self, iterator, *, ahead: int = 1, prepare: Optional[Callable] = None):

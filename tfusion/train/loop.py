@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tfusion import diffusion, flops, losses, sharding
+from tfusion.config import ConfigError
 from tfusion.batch import BATCH_NDIMS
 from tfusion.eval.heldout import HeldoutEvaluator
 from tfusion.train.step import Objective
@@ -110,13 +111,15 @@ class IteratorFn(Protocol):
         ...
 
 
-# (step, sampling params) -> flat {name: number} metrics; runs on the primary process.
+# (step, sampling params) -> flat {name: number} metrics. Every process calls it with
+# the params sharded on the training mesh; only the primary process writes files.
 FinalEval = Callable[[int, Any], dict]
 
 
-def _step_flops(model_cfg, local_batch) -> float:
-    """FLOPs of the global step, estimated as this process's batch times the processes."""
-    return flops.train_step_flops(model_cfg, local_batch) * jax.process_count()
+def _step_flops(model_cfg, local_batch, processes: int) -> float:
+    """FLOPs of the global step, estimated as this process's batch times the processes
+    (numpy only: it runs on the feed thread)."""
+    return flops.train_step_flops(model_cfg, local_batch) * processes
 
 
 def _summed_over_processes(counts: dict) -> dict:
@@ -146,10 +149,11 @@ class Trainer:
                  final_eval: FinalEval | None = None, devices=None):
         validate_config(config, None if devices is None else len(devices))
         _check_inputs(config, eval_iterator_fn, tokenizer, final_eval)
+        self.profile_window = profile_window(config)
         self.config, self.workdir = config, workdir
         self.primary = jax.process_index() == 0
         self.mesh = sharding.make_mesh(config.mesh, devices)
-        self.table = sharding.rule_table(config.mesh.rule_overrides)
+        self.table = sharding.mesh_rules(config.mesh)
         t = config.train
         self.tx = optimizer.make_optimizer(config.optimizer)
         self.schedule = optimizer.learning_rate_schedule(config.optimizer, t.steps)
@@ -167,7 +171,7 @@ class Trainer:
         self.eval_fn = step_lib.make_eval_step(self.objective, self.mesh, self.table,
                                                self.state_sh["params"], BATCH_NDIMS)
         self.diagnostics = HeldoutEvaluator(
-            graphdef, config, process=process,
+            graphdef, config, process=process, mesh=self.mesh, table=self.table,
             out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.train_iterator_fn, self.eval_iterator_fn = train_iterator_fn, eval_iterator_fn
         self.tokenizer, self.final_eval = tokenizer, final_eval
@@ -235,35 +239,29 @@ class Trainer:
 
     def write_samples(self, step: int, params) -> None:
         """A grid of images for config.train.sample_prompts in workdir/samples/ (the
-        inference engine's code path, so samples show what generate would give)."""
-        from jax.experimental import multihost_utils
+        inference engine's code path, so samples show what generate would give).
+        Sampled sharded on the training mesh with the params where they lie: every
+        process takes part, the primary writes the files."""
         from tfusion.inference.model_sampler import write_sample_grid
 
-        # Every process joins the gather; only the primary samples and writes.
-        params = multihost_utils.process_allgather(params, tiled=True)
-        if not self.primary:
-            return
         out = os.path.join(self.workdir, "samples", f"step_{step:08d}.png")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
         write_sample_grid((self.objective.graphdef, params), self.config, self.tokenizer,
                           list(self.config.train.sample_prompts), out,
                           seed=self.config.train.seed)
-        _log.info("samples written to %s", out)
+        if self.primary:
+            _log.info("samples written to %s", out)
 
     def final_evaluation(self, step: int, state) -> dict:
         """train.final_eval_suite (the `final_eval` given) on the sampling params (EMA
         where kept) at the end of the run: its metrics go to metrics.jsonl (split
-        "final_eval") and the console; the evaluator writes its own files."""
-        from jax.experimental import multihost_utils
-
-        params = multihost_utils.process_allgather(state.get("ema_params", state["params"]),
-                                                   tiled=True)
-        if not self.primary:
-            return {}
+        "final_eval") and the console; the evaluator writes its own files. Every
+        process runs it on the sharded params (no gather); all get the same metrics."""
         start = time.perf_counter()
-        flat = dict(self.final_eval(step, params))
+        flat = dict(self.final_eval(step, state.get("ema_params", state["params"])))
         flat["seconds"] = time.perf_counter() - start
         self.writer.write(step, flat, prefix="final_eval")
+        if not self.primary:
+            return flat
         lines = [f"  {k:48s} {v:.4f}" for k, v in sorted(flat.items())]
         _log.info("final evaluation (%s) at step %d:\n%s", self.config.train.final_eval_suite,
                   step, "\n".join(lines))
@@ -324,9 +322,12 @@ class Trainer:
         self.writer = MetricsWriter(self.workdir, enabled=self.primary, resume_step=step)
         _log.info("mesh %s, %d processes, start at step %d of %d",
                   sharding.describe(self.mesh), jax.process_count(), step, cfg.steps)
+        # The feed thread does numpy only (the FLOP count); the global device arrays
+        # are built here, on the main thread: a helper thread's JAX work beside the
+        # step starves a device's participant in its collectives (XLA:CPU aborts).
+        processes = jax.process_count()
         feed = BatchFeed(data_iterator, prepare=lambda local: (
-            distributed.global_batch(local, self.mesh, self.table),
-            _step_flops(self.config.model, local)))
+            local, _step_flops(self.config.model, local, processes)))
         # Waiting for data can be cut short by SIGTERM only in a single-process run:
         # with several, a process that skipped its step would leave the others inside
         # the step's collectives (the deadline covers that case).
@@ -337,6 +338,7 @@ class Trainer:
         # The first logged interval includes compilation time.
         interval, flops_sum, last = [], 0.0, {}
         tick, stopped, previous = time.perf_counter(), "done", None
+        profiler = _Profiler(self.profile_window, self.workdir)
         try:
             while step < cfg.steps:
                 if step % sync_every == 0 and distributed.any_process(preemption.requested):
@@ -348,10 +350,13 @@ class Trainer:
                 prepared = feed.next(lambda: interruptible and preemption.requested)
                 if prepared is None:
                     continue  # SIGTERM while waiting: the check above saves and stops
-                batch, batch_flops = prepared
+                local_batch, batch_flops = prepared
+                batch = distributed.global_batch(local_batch, self.mesh, self.table)
                 preemption.waiting_on = f"train step {step + 1}"
+                profiler.before(step + 1)
                 state, metrics = self.step_fn(state, batch)
                 step += 1
+                profiler.after(step, metrics)
                 flops_sum += batch_flops
                 interval.append(metrics)
                 # The previous step's counter: reading it does not wait for this step.
@@ -389,6 +394,7 @@ class Trainer:
             preemption.waiting_on = "the last checkpoint write"
             self.checkpointer.close()
         finally:
+            profiler.stop()
             if not feed.close():
                 _log.warning("the input pipeline did not stop within 5 s; left running")
             self.writer.close()
@@ -416,6 +422,52 @@ class Trainer:
                 f"stopping at step {step}: {run} non-finite steps in a row (loss or gradients "
                 f"NaN/Inf; train.max_nonfinite_steps={self.config.train.max_nonfinite_steps}). "
                 f"Last good checkpoint: step {last_good} in {self.checkpointer.directory}")
+
+
+def profile_window(config) -> tuple[int, int] | None:
+    """train.profile_steps as (first, last) train steps, or None; ConfigError naming
+    the field when it is not 1 <= first <= last <= train.steps."""
+    value = tuple(config.train.get("profile_steps", ()) or ())
+    if not value:
+        return None
+    ints = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    if len(value) != 2 or not ints or not 1 <= value[0] <= value[1] <= config.train.steps:
+        raise ConfigError("train.profile_steps", f"{value!r}: give (first, last) train steps "
+                          f"with 1 <= first <= last <= train.steps ({config.train.steps}), "
+                          "or () for no trace")
+    return int(value[0]), int(value[1])
+
+
+class _Profiler:
+    """A jax.profiler trace of train steps first..last (train.profile_steps) in
+    workdir/profile/ (workdir/profile/process_<i>/ when several processes trace: one
+    host's processes would write the same file names). A resumed run traces what is
+    left of the window."""
+
+    def __init__(self, window: tuple[int, int] | None, workdir: str):
+        self.first, self.last = window or (0, -1)
+        self.directory = os.path.join(workdir, "profile")
+        if jax.process_count() > 1:
+            self.directory = os.path.join(self.directory, f"process_{jax.process_index()}")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """`step` (1-based) is about to run."""
+        if not self.active and self.first <= step <= self.last:
+            os.makedirs(self.directory, exist_ok=True)
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+            _log.info("profiling train steps %d..%d into %s", step, self.last, self.directory)
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.last:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        if self.active:
+            self.active = False
+            jax.block_until_ready(outputs)  # the traced steps' device work, not just dispatch
+            jax.profiler.stop_trace()
 
 
 def _check_inputs(config, eval_iterator_fn, tokenizer, final_eval) -> None:

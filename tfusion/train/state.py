@@ -61,6 +61,15 @@ def train_state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mes
     return out
 
 
+def abstract_params(model_cfg, mesh: Mesh, table: Mapping[str, Any]) -> dict:
+    """ShapeDtypeStructs of the params (pure dict) in their shardings on `mesh`: the
+    restore target where only the params are needed (load_model, export)."""
+    _, abstract = abstract_model(model_cfg)
+    shardings = to_pure(sharding.state_shardings(abstract, mesh, table))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        to_pure(abstract), shardings)
+
+
 def abstract_state(model_cfg, tx, shardings: dict) -> dict:
     """ShapeDtypeStructs with shardings: the restore target for orbax."""
     _, abstract = abstract_model(model_cfg)

@@ -91,7 +91,7 @@ def validate_mesh_config(config, num_devices: int, process_count: int) -> dict:
     """Returns the resolved mesh axis sizes; the batch must split over its axes."""
     try:
         sizes = sharding.mesh_shape(config.mesh, num_devices)
-        sharding.rule_table(config.mesh.rule_overrides)
+        sharding.mesh_rules(config.mesh)
     except ValueError as e:
         raise ConfigError("mesh", str(e)) from e
     batch_ways = sizes["data"] * sizes["fsdp"]
@@ -107,19 +107,47 @@ def validate_mesh_config(config, num_devices: int, process_count: int) -> dict:
     return sizes
 
 
+def check_param_sharding(config, sizes) -> None:
+    """Every parameter's rule divides its dimension on a mesh of these axis sizes
+    ({data, fsdp, tensor}; no devices needed), else ConfigError naming the parameter
+    path, logical axis and mesh axis (tfusion/sharding.py; opt-out per logical axis:
+    mesh.allow_replicated)."""
+    from tfusion.train.params import abstract_model  # builds the model: import late
+
+    if sizes.get("fsdp", 1) == 1 and sizes.get("tensor", 1) == 1:
+        return  # parameters are sharded over fsdp and tensor only
+    _, abstract = abstract_model(config.model)
+    try:
+        sharding.state_specs(abstract, sizes, sharding.mesh_rules(config.mesh))
+    except sharding.ShardingError as e:
+        raise ConfigError("mesh", f"{sharding.describe_sizes(sizes)}: {e}") from e
+
+
+def resolve_derived(config) -> None:
+    """Writes derived model fields left at 0 into the config (so config.json records
+    them): model.padded_vocab_size."""
+    model = ModelConfig.of(config.model)
+    if not config.model.get("padded_vocab_size", 0):
+        config.model.padded_vocab_size = model.padded_vocab_size
+
+
 def validate_config(config, num_devices: int | None = None,
                     process_count: int | None = None) -> None:
-    """What the trainer needs, checked before any compilation or data loading.
+    """What the trainer needs, checked before any compilation or data loading; resolves
+    derived fields in place (resolve_derived), so the config written next records them.
 
     config.data's own fields (sources, encoder, tokenizer) are checked by
     data_pipelines.validate_data_config, which the entry point that builds the input
     pipeline calls after this (launch/train_setup.py validate)."""
     ModelConfig.of(config.model)
+    resolve_derived(config)
     validate_image_representation(config)
     DiffusionConfig.of(config.diffusion)
     if "loss" in config:
         LossConfig.of(config.loss)
     validate_train_config(config)
     validate_optimizer_config(config.optimizer)
-    validate_mesh_config(config, jax.device_count() if num_devices is None else num_devices,
-                         jax.process_count() if process_count is None else process_count)
+    sizes = validate_mesh_config(
+        config, jax.device_count() if num_devices is None else num_devices,
+        jax.process_count() if process_count is None else process_count)
+    check_param_sharding(config, sizes)

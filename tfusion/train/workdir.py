@@ -19,7 +19,7 @@ import os
 import socket
 import time
 
-from tfusion.config import ConfigError
+from tfusion.config import ConfigError, padded_vocab
 
 _log = logging.getLogger("tfusion.train")
 
@@ -101,19 +101,47 @@ def check_resume_config(workdir: str, config) -> None:
         saved = json.load(f)
     saved_model = saved.get("model", {})
     for field in sorted(set(saved_model) & set(config.model.keys())):
-        if field in RESUMABLE_MODEL_FIELDS:
+        if field in RESUMABLE_MODEL_FIELDS or field == "padded_vocab_size":
             continue
         old, new = saved_model.get(field), config.model.get(field)
         if _plain(old) != _plain(new):
             raise ConfigError(f"model.{field}", f"the run in {workdir} was trained with {old!r}, "
                                                 f"this config has {new!r}: its checkpoints cannot "
                                                 "be restored (use another --workdir)")
+    _check_padded_vocab(workdir, saved_model, config.model)
     saved_decay = saved.get("train", {}).get("ema_decay", 0.0)
     new_decay = config.train.get("ema_decay", 0.0)
     if (float(saved_decay) > 0) != (float(new_decay) > 0):
         raise ConfigError("train.ema_decay", f"the run in {workdir} has ema_decay={saved_decay}, "
                                              f"this config {new_decay}: the checkpoints do "
                                              "(or do not) hold an EMA of the params")
+
+
+def _padded_rows(model: dict) -> int:
+    """Embedding / LM head rows of a model section: padded_vocab_size resolved (0 = the
+    rounding of tfusion/config.py); a section without the field is from before padding
+    existed, whose tables had exactly vocab_size rows."""
+    if "padded_vocab_size" not in model:
+        return int(model["vocab_size"])
+    return int(model["padded_vocab_size"]) or padded_vocab(int(model["vocab_size"]))
+
+
+def _check_padded_vocab(workdir: str, saved_model: dict, model) -> None:
+    """Refuses (naming model.padded_vocab_size) a restart whose embedding / LM head rows
+    differ from the checkpoints'. Checkpoints saved before the vocabulary was padded
+    are not padded on restore: resume them with padded_vocab_size = their vocab_size."""
+    if "vocab_size" not in saved_model:
+        return
+    old = _padded_rows(saved_model)
+    new = _padded_rows(model.to_dict() if hasattr(model, "to_dict") else dict(model))
+    if old == new:
+        return
+    before = ("" if "padded_vocab_size" in saved_model else
+              " (saved before the vocabulary was padded to a multiple of 128)")
+    raise ConfigError("model.padded_vocab_size",
+                      f"the run in {workdir} has {old} embedding / LM head rows{before}, this "
+                      f"config {new}: its checkpoints cannot be restored; resume with "
+                      f"--config.model.padded_vocab_size={old} or use another --workdir")
 
 
 def _plain(value):
