@@ -140,8 +140,9 @@ def _host_readable(out, mesh):
     """Every output but the KV cache replicated over the mesh. The host loop reads
     each step's tokens, logits and latents (small: [rows], [rows, V], [rows, H, W, C]);
     on a mesh that spans processes a sharded array is not readable by one process.
-    Every process runs the same loop, so the gathers are collectives all join."""
-    if mesh is None:
+    Every process runs the same loop, so the gathers are collectives all join. Within
+    one process the host reads sharded arrays itself: no gather per step."""
+    if mesh is None or not mesh.is_multi_process:
         return out
     replicated = NamedSharding(mesh, PartitionSpec())
 
