@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from tfusion.config import diffusion_config, model_config
+from tfusion.inference.diffusion_samplers import SamplerState
 from tfusion.inference.engine import Engine
 from tfusion.inference.generate import generate
 from tfusion.inference.options import GenerationOptions, SpecialTokens
@@ -62,7 +63,7 @@ def cached_step_seconds(engine, prefix: int, repeats: int) -> float:
                   jnp.ones((rows, p), jnp.int32), jnp.full((rows, p), prefix, jnp.int32))
     sched = engine.schedule(250)
     keys = engine.keys([0])
-    x = jnp.zeros((1,) + engine.latent_shape)
+    x = SamplerState.start(jnp.zeros((1,) + engine.latent_shape))
     state = {"cache": cache}
 
     def step():

@@ -300,16 +300,19 @@ def program_decode(target):
 def _diffusion_args(target, engine):
     import jax.numpy as jnp
 
+    from tfusion.inference import diffusion_samplers as samplers
+
     b, rows, max_len = _inference_shapes(target, guided=True)
     cache = _abstract_cache(engine, rows, max_len)
     x = _rows_abstract(target, jnp.zeros((b,) + tuple(engine.latent_shape), jnp.float32))
+    x = samplers.SamplerState(x, x)  # the latents and the previous step's x0
     counters = _rows_abstract(target, jnp.zeros((b,), jnp.int32))
-    schedule = engine.schedule(int(target.config.diffusion.sample_steps))
+    d = target.config.diffusion
+    schedule = engine.schedule(int(d.sample_steps), str(d.get("sample_spacing", "linspace")))
     schedule = _replicate(target, schedule)
     block = _columns(target, rows, engine.image_columns)
-    options = dict(sampler=str(target.config.diffusion.sampler), guided=True,
-                   prediction=engine.process.prediction, process=engine.process.process,
-                   clip=None)
+    options = dict(sampler=str(d.sampler), guided=True, prediction=engine.process.prediction,
+                   process=engine.process.process, clip=None)
     describe = dict(rows=rows, prompts=b, cfg="rows doubled: [conditional B; unconditional B]",
                     new_columns=engine.image_columns, cache_length=max_len,
                     cache_bytes=_tree_bytes(cache), sampler=options["sampler"],
@@ -338,7 +341,7 @@ def _program_diffusion(target, fused: bool):
     cache, x, counters, schedule, block, options, describe = _diffusion_args(target, engine)
     scalar_i = _abstract(jnp.zeros((), jnp.int32), target.replicated)
     scale = _abstract(jnp.zeros((), jnp.float32), target.replicated)
-    keys = _keys(target, engine, x.shape[0])
+    keys = _keys(target, engine, x.x.shape[0])
     # diffusion_steps takes (first, count) where diffusion_step takes i.
     step, steps_args = ((engine.diffusion_steps, (scalar_i, scalar_i)) if fused
                         else (engine.diffusion_step, (scalar_i,)))

@@ -1,7 +1,8 @@
 """Evaluate a trained run.
 
   python -m launch.evaluate --workdir=/tmp/run --suite=all [--step=N]
-      [--shapes_prompts=64 --fid_samples=256 --sample_steps=50 --cfg_scale=3 ...]
+      [--shapes_prompts=64 --fid_samples=256 --sample_steps=50 --cfg_scale=3
+       --sampler=dpmpp_2m --spacing=trailing --cfg_interval=0.2,1 ...]
 
 Suites: text (perplexity, diffusion loss at fixed t), shapes (compositional
 generation + captioning scores on the built-in shapes data), fid, all. Writes
@@ -19,6 +20,8 @@ import logging
 import sys
 
 from absl import app, flags
+
+from launch import sampling_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
                                required=True)
@@ -78,6 +81,7 @@ def main(argv) -> None:
     try:
         config = load_config(_WORKDIR.value, _current_defaults())
         override_attention_kernel(config, _ATTENTION_KERNEL.value)
+        sampling_flags.apply_to(config)
         model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
                                          params=_PARAMS.value)
         results = run_eval_suite(_SUITE.value, model, config, _WORKDIR.value, step,

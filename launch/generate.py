@@ -24,6 +24,8 @@ import sys
 
 from absl import app, flags
 
+from launch import sampling_flags
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
                                required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -36,9 +38,6 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Samples (seeds seed .. se
 _CFG_SCALE = flags.DEFINE_float("cfg_scale", None,
                                 "CFG scale; default config.diffusion.cfg_scale; 0 = no CFG.")
 _STEPS = flags.DEFINE_integer("steps", None, "Diffusion steps; default config's sample_steps.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["ddpm", "ddim", "euler", "heun"],
-                             "Default: config's sampler (ddpm/ddim for process ddpm, "
-                             "euler/heun for flow).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of sample 0.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "Sampled tokens per sample.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Images the model may start itself.")
@@ -129,6 +128,7 @@ def main(argv) -> None:
     try:
         config = load_config(_WORKDIR.value)
         override_attention_kernel(config, _ATTENTION_KERNEL.value)
+        sampling_flags.apply_to(config)
         model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
                                          params=_PARAMS.value)
         tokenizer = build_tokenizer(config)
@@ -140,9 +140,8 @@ def main(argv) -> None:
                      clip_denoised=clip_for(config))
     if _CFG_SCALE.value is not None:
         overrides["cfg_scale"] = _CFG_SCALE.value or None
-    for key, flag in (("steps", _STEPS), ("sampler", _SAMPLER)):
-        if flag.value is not None:
-            overrides[key] = flag.value
+    if _STEPS.value is not None:
+        overrides["steps"] = _STEPS.value
     options = GenerationOptions.from_config(config, **overrides)
     engine = sharded_engine(model, config)
     primary = jax.process_index() == 0

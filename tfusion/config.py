@@ -28,7 +28,9 @@ PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 SCHEDULES = ("cosine", "linear")
-SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+SAMPLERS_BY_PROCESS = {"ddpm": ("ddpm", "ddim", "dpmpp_2m"), "flow": ("euler", "heun", "dpmpp_2m")}
+# Where a K-step sampler puts its levels (diffusion_samplers.schedule_for).
+SPACINGS_BY_PROCESS = {"ddpm": ("linspace", "trailing", "logsnr"), "flow": ("linspace",)}
 # The token embedding and LM head have vocab_size rounded up to a multiple of this
 # many rows (model.padded_vocab_size = 0): Llama 2's 32002 ids = 2 x 16001 shard over
 # no tensor axis; 32128 = 251 x 128 shards over up to 128 ways (and fills MXU tiles).
@@ -260,8 +262,21 @@ class DiffusionConfig(_Section):
     # Paper does not give the CFG caption-dropout rate; 0.1 is the common choice.
     cfg_dropout: float = 0.1
     sample_steps: int = 250  # sampler steps at inference (paper: 250 respaced DDPM steps)
-    sampler: str = "ddpm"  # ddpm process: "ddpm" (ancestral, paper) or "ddim"; flow: "euler" or "heun"
+    # ddpm process: "ddpm" (ancestral, paper), "ddim" (eta 0) or "dpmpp_2m" (DPM-Solver++
+    # 2M, Lu et al. 2022); flow: "euler", "heun" or "dpmpp_2m" (the same solver on the
+    # flow's a = 1 - t, s = t).
+    sampler: str = "ddpm"
+    # Levels of a K-step ddpm sampler: "linspace" (K of the T steps evenly, both ends:
+    # paper), "trailing" (every T/K-th step counted back from T - 1, Lin et al. 2024) or
+    # "logsnr" (uniform in log SNR between the ends, continuous times). flow: "linspace"
+    # (its levels are shifted by schedule_shift).
+    sample_spacing: str = "linspace"
     cfg_scale: float = 3.0  # paper: 3-5
+    # Guidance interval (Kynkaanniemi et al. 2024) in noise level s (x_t = a x0 + s eps,
+    # s in [0, 1]: sqrt(1 - alpha_bar) for ddpm, t for flow): CFG at levels with
+    # lo <= s <= hi, the conditional output alone elsewhere (its unconditional twin is
+    # not computed there). (0, 1) = CFG at every step (paper).
+    cfg_interval: tuple = (0.0, 1.0)
 
     def validate(self, prefix: str = "diffusion") -> None:
         """Raises ConfigError naming the first bad field."""
@@ -270,7 +285,13 @@ class DiffusionConfig(_Section):
         self.check_choices(prefix, dict(
             process=PROCESSES, prediction=PREDICTIONS, loss_weighting=LOSS_WEIGHTINGS,
             timestep_sampling=TIMESTEP_SAMPLINGS, schedule=SCHEDULES,
-            sampler=SAMPLERS_BY_PROCESS[self.process] if self.process in PROCESSES else ()))
+            sampler=SAMPLERS_BY_PROCESS[self.process] if self.process in PROCESSES else (),
+            sample_spacing=SPACINGS_BY_PROCESS[self.process] if self.process in PROCESSES
+            else ()))
+        lo_hi = tuple(self.cfg_interval)
+        if len(lo_hi) != 2 or not 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0:
+            self.fail(prefix, "cfg_interval", f"must be (lo, hi) with 0 <= lo <= hi <= 1 "
+                                              f"(noise levels s), got {self.cfg_interval}")
         if not 0 <= self.noise_limit_t < self.num_train_steps:
             self.fail(prefix, "noise_limit_t", f"{self.noise_limit_t} outside [0, {self.num_train_steps})")
         if not 0.0 <= self.cfg_dropout < 1.0:

@@ -12,11 +12,13 @@ from tfusion.inference.options import GenerationOptions
 
 PROMPTS = [[np.asarray([1, 9, 10, 11, 3])], [np.asarray([1, 12, 3])]]
 CASES = [("ddpm", "eps", "ddpm"), ("ddpm", "v", "ddim"), ("flow", "v", "euler"),
-         ("flow", "v", "heun")]
-# The quick suite runs ancestral DDPM with CFG; `pytest -m slow` runs every pair (Heun:
-# two model calls per step, a lax.cond inside the loop).
-QUICK = {("ddpm", 3.0)}
-MATRIX = [pytest.param(*case, scale, marks=() if (case[2], scale) in QUICK else pytest.mark.slow)
+         ("flow", "v", "heun"), ("ddpm", "v", "dpmpp_2m"), ("flow", "v", "dpmpp_2m")]
+# The quick suite runs ancestral DDPM and the multistep solver (its x0 history carried
+# across chunks) with CFG; `pytest -m slow` runs every pair (Heun: two model calls per
+# step, a lax.cond inside the loop).
+QUICK = {("ddpm", 3.0), ("dpmpp_2m", 3.0)}
+MATRIX = [pytest.param(*case, scale, marks=() if (case[2], scale) in QUICK and case[0] == "ddpm"
+                       else pytest.mark.slow)
           for case in CASES for scale in (None, 3.0)]
 
 

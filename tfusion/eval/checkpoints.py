@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import ml_collections
 from flax import nnx
@@ -97,6 +97,22 @@ def override_attention_kernel(config, kernel: Optional[str]) -> None:
         raise ConfigError("model.attention_kernel", f"--attention_kernel={kernel!r} is not "
                           f"one of {ATTENTION_KERNELS}")
     config.model.attention_kernel = kernel
+
+
+def override_sampling(config, sampler: Optional[str] = None, spacing: Optional[str] = None,
+                      cfg_interval: Optional[Sequence[float]] = None) -> None:
+    """Sets config.diffusion's sampler / sample_spacing / cfg_interval (the CLIs'
+    --sampler, --spacing, --cfg_interval; None = keep the run's) and validates the
+    section: a sampler or spacing that does not fit the run's process fails here with
+    a ConfigError naming the field."""
+    from tfusion.config import DiffusionConfig
+
+    for field, value in (("sampler", sampler), ("sample_spacing", spacing)):
+        if value is not None:
+            config.diffusion[field] = value
+    if cfg_interval is not None:
+        config.diffusion.cfg_interval = tuple(float(v) for v in cfg_interval)
+    DiffusionConfig.of(config.diffusion)
 
 
 def _existing_step(checkpointer, step: Optional[int]) -> int:

@@ -53,6 +53,12 @@ class KVCache:
         live = (segment_ids != 0).sum(axis=1).astype(jnp.int32)
         return dataclasses.replace(self, index=self.index + live)
 
+    def first_rows(self, n: int) -> "KVCache":
+        """The cache of rows [0, n) (a copy inside jit: steps outside the guidance
+        interval run the conditional half of a CFG cache, steps.diffusion_steps)."""
+        return KVCache(self.k[:, :n], self.v[:, :n], self.segment_ids[:n], self.slot[:n],
+                       self.index[:n])
+
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> KVCache:
     """An empty cache in the model's compute dtype (call inside jit to shard it)."""

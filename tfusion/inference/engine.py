@@ -58,7 +58,8 @@ class Engine:
         self.text_step = self._jit(steps.text_step, static=("top_k",))
         diffusion_static = ("sampler", "guided", "prediction", "process", "clip")
         self.diffusion_step = self._jit(steps.diffusion_step, static=diffusion_static)
-        self.diffusion_steps = self._jit(steps.diffusion_steps, static=diffusion_static)
+        self.diffusion_steps = self._jit(steps.diffusion_steps,
+                                         static=diffusion_static + ("skip_twin",))
         self.commit_image = self._jit(steps.commit_image)
         self.code_step = self._jit(steps.code_step, static=("top_k", "guided", "codebook_size"))
         self.predict = self._jit(steps.predict)
@@ -89,16 +90,19 @@ class Engine:
             self._cache_makers[key] = jax.jit(make)
         return self._cache_makers[key]()
 
-    def schedule(self, num_steps: int) -> samplers.Schedule:
-        if num_steps not in self._schedules:
-            self._schedules[num_steps] = samplers.schedule_for(self.process, num_steps)
-        return self._schedules[num_steps]
+    def schedule(self, num_steps: int, spacing: str = "linspace") -> samplers.Schedule:
+        key = (num_steps, spacing)
+        if key not in self._schedules:
+            self._schedules[key] = samplers.schedule_for(self.process, num_steps, spacing)
+        return self._schedules[key]
 
-    def check_sampler(self, sampler: str) -> None:
-        allowed = samplers.SAMPLERS_BY_PROCESS[self.process.process]
-        if sampler not in allowed:
-            raise ConfigError("diffusion.sampler", f"{sampler!r} does not sample the "
-                              f"{self.process.process!r} process; choose from {allowed}")
+    def check_sampler(self, sampler: str, spacing: str = "linspace") -> None:
+        process = self.process.process
+        for field, value, table in (("sampler", sampler, samplers.SAMPLERS_BY_PROCESS),
+                                    ("sample_spacing", spacing, samplers.SPACINGS_BY_PROCESS)):
+            if value not in table[process]:
+                raise ConfigError(f"diffusion.{field}", f"{value!r} does not apply to the "
+                                  f"{process!r} process; choose from {table[process]}")
 
     def keys(self, seeds) -> jax.Array:
         """One typed PRNG key per row from integer seeds."""

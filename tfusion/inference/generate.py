@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tfusion.batch import ImageSegment
+from tfusion.inference import diffusion_samplers as samplers
 from tfusion.inference.engine import Engine
 from tfusion.inference.options import GenerationOptions, SpecialTokens
 from tfusion.inference.prompts import as_document, codes_as_tokens, layout_prompts
@@ -119,7 +120,7 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
     whatever it is batched with. `progress(num_steps)` may return a tqdm-like bar
     updated once per diffusion step.
     """
-    engine.check_sampler(options.sampler)
+    engine.check_sampler(options.sampler, options.spacing)
     docs = [as_document(p) for p in prompts]
     docs = [d + [np.asarray([special.eoi], np.int32)] if isinstance(d[-1], ImageSegment)
             else d for d in docs]
@@ -166,7 +167,7 @@ class _Loop:
         self.keys, self.max_len = keys, max_len
         self.n = len(rows.pos)
         self.cache = engine.new_cache(self.n, max_len)
-        self.schedule = engine.schedule(options.steps)
+        self.schedule = engine.schedule(options.steps, options.spacing)
         self.logits = None  # [R, V] at each row's last column, from the last text feed
 
     def _block(self, live: np.ndarray, width: int, image: bool = False) -> CacheColumns:
@@ -245,7 +246,9 @@ class _Loop:
     def _denoise(self, x, counters, block: CacheColumns, bar):
         """All K sampling steps of one image phase, in chunks of options.steps_per_call
         compiled steps (one program per chunk); the progress bar moves per chunk.
-        Returns the clean x; self.cache ends holding the last step's image columns."""
+        Steps outside the guidance interval run the conditional rows alone (their own
+        chunks). Returns the clean x; self.cache ends holding the last guided step's
+        image columns (commit_image rewrites them)."""
         r, e, o = self.rows, self.engine, self.options
         k = self.schedule.num_steps
         per_call = o.steps_per_call or (max(1, -(-k // 10)) if bar is not None else k)
@@ -253,19 +256,27 @@ class _Loop:
                             process=e.process.process, clip=o.clip_denoised)
         common = (self.keys[:r.b], counters, block, self.schedule,
                   jnp.float32(o.cfg_scale or 1.0))
+        guided = (samplers.guided_steps(self.schedule, o.cfg_interval) if r.guided
+                  else np.zeros(k, bool))
+        state = samplers.SamplerState.start(x)
         first = k - 1
         while first >= 0:
-            count = min(per_call, first + 1)
-            if per_call == 1:
-                x, self.cache = e.diffusion_step(self.cache, x, jnp.int32(first), *common,
-                                                 **step_options)
+            run = 1  # steps first, first - 1, ..., first - run + 1 share their guidance
+            while first - run >= 0 and guided[first - run] == guided[first]:
+                run += 1
+            count = min(per_call, run)
+            skip_twin = r.guided and not guided[first]
+            if per_call == 1 and not skip_twin:
+                state, self.cache = e.diffusion_step(self.cache, state, jnp.int32(first),
+                                                     *common, **step_options)
             else:
-                x, self.cache = e.diffusion_steps(self.cache, x, jnp.int32(first),
-                                                  jnp.int32(count), *common, **step_options)
+                state, self.cache = e.diffusion_steps(
+                    self.cache, state, jnp.int32(first), jnp.int32(count), *common,
+                    skip_twin=skip_twin, **step_options)
             first -= count
             if bar is not None:
                 bar.update(count)
-        return x
+        return state.x
 
     def image_phase(self, progress):
         r, e = self.rows, self.engine

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tfusion.inference.diffusion_samplers import SAMPLERS
+from tfusion.inference.diffusion_samplers import SAMPLERS, SPACINGS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,12 @@ class GenerationOptions:
     top_p: float = 1.0  # 1 = off
     cfg_scale: float | None = 3.0  # None: no unconditional stream (pure conditional)
     steps: int = 250  # respaced diffusion steps (of diffusion.num_train_steps)
-    sampler: str = "ddpm"  # ddpm process: "ddpm" (ancestral), "ddim" (eta = 0); flow: "euler", "heun"
+    # ddpm process: "ddpm" (ancestral), "ddim" (eta = 0), "dpmpp_2m"; flow: "euler",
+    # "heun", "dpmpp_2m" (config.DiffusionConfig.sampler)
+    sampler: str = "ddpm"
+    spacing: str = "linspace"  # where the K levels lie (DiffusionConfig.sample_spacing)
+    # CFG only at noise levels s in [lo, hi]; (0, 1) = every step (DiffusionConfig)
+    cfg_interval: tuple = (0.0, 1.0)
     # Clip predicted x0 to [-c, c]; 1.0 suits pixel latents in [-1, 1], None for VAEs.
     clip_denoised: float | None = None
     max_len: int | None = None  # cache length; None = enough for the worst case
@@ -31,6 +36,12 @@ class GenerationOptions:
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {self.sampler!r}; choose from {SAMPLERS}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing: unknown {self.spacing!r}; choose from {SPACINGS}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval: need 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        object.__setattr__(self, "cfg_interval", (float(lo), float(hi)))  # hashable, static
         if self.max_new_tokens < 0 or self.max_images < 0 or self.steps <= 0:
             raise ValueError("max_new_tokens, max_images must be >= 0 and steps > 0")
         if self.steps_per_call < 0:
@@ -38,9 +49,12 @@ class GenerationOptions:
 
     @classmethod
     def from_config(cls, config, **overrides) -> "GenerationOptions":
-        """Defaults from config.diffusion (sample_steps, sampler, cfg_scale)."""
+        """Defaults from config.diffusion (sample_steps, sampler, sample_spacing,
+        cfg_scale, cfg_interval; a run saved before a field existed gets its default)."""
         d = config.diffusion
-        base = dict(cfg_scale=d.cfg_scale, steps=d.sample_steps, sampler=d.sampler)
+        base = dict(cfg_scale=d.cfg_scale, steps=d.sample_steps, sampler=d.sampler,
+                    spacing=d.get("sample_spacing", "linspace"),
+                    cfg_interval=tuple(d.get("cfg_interval", (0.0, 1.0))))
         return cls(**{**base, **overrides})
 
 

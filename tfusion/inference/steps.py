@@ -127,10 +127,12 @@ def initial_noise(keys, image_counters, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def guided_denoise(model, cache, x, model_time, a, s, block: CacheColumns, cfg_scale, *,
+def guided_denoise(model, cache, x, level, block: CacheColumns, cfg_scale, *,
                    guided: bool, prediction: str, process: str, clip):
-    """(x0, eps) of x [B, H, W, C] at one level; with `guided`, rows are [conditional B;
-    unconditional B] sharing x and the guided output is converted."""
+    """(x0, eps) of x [B, H, W, C] at one level = (model time, a, s); with `guided`,
+    rows are [conditional B; unconditional B] sharing x and the guided output is
+    converted."""
+    model_time, a, s = level
     b = x.shape[0]
     rows_x = jnp.concatenate([x, x]) if guided else x
     t = jnp.full((rows_x.shape[0],), model_time, jnp.float32)
@@ -140,50 +142,68 @@ def guided_denoise(model, cache, x, model_time, a, s, block: CacheColumns, cfg_s
     return samplers.denoised(pred, x, a, s, prediction, process, clip), cache
 
 
-def diffusion_step(model, cache: KVCache, x, i, keys, image_counters, block: CacheColumns,
-                   schedule: samplers.Schedule, cfg_scale, *, sampler: str, guided: bool,
-                   prediction: str = "eps", process: str = "ddpm",
-                   clip: float | None = None):
-    """Sampling step i: x [B, H, W, C] at level i -> x at level i - 1.
+def diffusion_step(model, cache: KVCache, state: samplers.SamplerState, i, keys,
+                   image_counters, block: CacheColumns, schedule: samplers.Schedule,
+                   cfg_scale, *, sampler: str, guided: bool, prediction: str = "eps",
+                   process: str = "ddpm", clip: float | None = None):
+    """Sampling step i: state at level i -> state at level i - 1 (x [B, H, W, C] and
+    this step's x0 estimate, which the multistep solver uses next step).
 
-    Returns (x_prev, cache); the cache's image columns hold this step's k/v and are
+    Returns (state, cache); the cache's image columns hold this step's k/v and are
     overwritten by the next step. Heun calls the model a second time at the Euler
     point (except on the last step, i = 0, which ends at t = 0).
     """
     denoise = functools.partial(guided_denoise, model, block=block, cfg_scale=cfg_scale,
                                 guided=guided, prediction=prediction, process=process,
                                 clip=clip)
-    (x0, eps), cache = denoise(cache, x, schedule.model_time[i], schedule.signal[i],
-                               schedule.noise[i])
+    x = state.x
+    level = (schedule.model_time[i], schedule.signal[i], schedule.noise[i])
+    (x0, eps), cache = denoise(cache, x, level)
     step_keys = row_keys(keys, IMAGE_STREAM, image_counters)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:]))(step_keys)
-    x_prev = samplers.sampler_step(sampler, schedule, i, x, x0, eps, noise)
+    x_prev = samplers.sampler_step(sampler, schedule, i, x, x0, eps, noise, state.x0_last)
     if sampler != "heun":
-        return x_prev, cache
+        return samplers.SamplerState(x_prev, x0), cache
 
     def corrected(cache):
-        (x0_e, eps_e), cache = denoise(cache, x_prev, schedule.model_time_prev[i],
-                                       schedule.signal_prev[i], schedule.noise_prev[i])
+        level_prev = (schedule.model_time_prev[i], schedule.signal_prev[i],
+                      schedule.noise_prev[i])
+        (x0_e, eps_e), cache = denoise(cache, x_prev, level_prev)
         return samplers.heun_correction(x, eps - x0, eps_e - x0_e, schedule, i), cache
 
-    return jax.lax.cond(i > 0, corrected, lambda cache: (x_prev, cache), cache)
+    x_prev, cache = jax.lax.cond(i > 0, corrected, lambda cache: (x_prev, cache), cache)
+    return samplers.SamplerState(x_prev, x0), cache
 
 
-def diffusion_steps(model, cache: KVCache, x, first, count, keys, image_counters,
-                    block: CacheColumns, schedule: samplers.Schedule, cfg_scale, **step_options):
+def diffusion_steps(model, cache: KVCache, state: samplers.SamplerState, first, count, keys,
+                    image_counters, block: CacheColumns, schedule: samplers.Schedule,
+                    cfg_scale, *, guided: bool, skip_twin: bool = False, **step_options):
     """Sampling steps first, first - 1, ..., first - count + 1 as one program.
 
     A `lax.fori_loop` over diffusion_step: one dispatch for the whole chunk instead of
     one per step, with the cache carried (and updated in place) through the loop.
     `first` and `count` are traced, so every chunk length reuses one compilation;
-    the caller reports progress between chunks. Returns (x, cache) like one step.
-    """
-    def body(j, carry):
-        x, cache = carry
-        return diffusion_step(model, cache, x, first - j, keys, image_counters, block,
-                              schedule, cfg_scale, **step_options)
+    the caller reports progress between chunks. Returns (state, cache) like one step.
 
-    return jax.lax.fori_loop(0, count, body, (x, cache))
+    skip_twin (static; a guided cache, steps outside the guidance interval): the
+    conditional rows run alone, unguided, on a copy of the cache's first B rows taken
+    once for the chunk; the unconditional twin is not computed. The input cache is
+    returned: image columns are rewritten by every step and committed by
+    commit_image, so no later step reads these steps' columns.
+    """
+    def run(cache, block, guided):
+        def body(j, carry):
+            state, cache = carry
+            return diffusion_step(model, cache, state, first - j, keys, image_counters, block,
+                                  schedule, cfg_scale, guided=guided, **step_options)
+        return jax.lax.fori_loop(0, count, body, (state, cache))
+
+    if not skip_twin:
+        return run(cache, block, guided)
+    b = state.x.shape[0]
+    rows = CacheColumns(*(c[:b] for c in (block.positions, block.segment_ids, block.slot)))
+    state, _ = run(cache.first_rows(b), rows, False)
+    return state, cache
 
 
 def commit_image(model, cache: KVCache, x0, block: CacheColumns):
