@@ -12,15 +12,25 @@ share a process), each printing one JSON object on its last stdout line:
     # benchmarks/inference.py):
     python benchmarks/reference_quality_pytorch.py --image-seconds --shape cpu-s
 
-Training follows the library's own example (train_mnist.py upstream) and defaults:
-Adam(lr 3e-4), grad-norm clip 0.5, 16 caption -> image samples per step,
-`model.create_ema()` (beta 0.99, ema_pytorch's warm-up, updated every 10 steps),
-flow matching (its only image objective; prob_uncond 0.1 for CFG). Images are the
+Training follows the library's own example (train_mnist.py upstream) and defaults
+unless the spec's `peer` settings (written by the driver, which holds the defaults
+and the --peer-* options) say otherwise: Adam(lr 3e-4), grad-norm clip 0.5, 16
+caption -> image samples per step, `model.create_ema()` (beta 0.99, ema_pytorch's
+warm-up, updated every 10 steps; beta 0 samples the raw weights), flow matching (its
+only image objective; prob_uncond 0.1 for CFG; flow_loss_weight 1 against its text
+loss on the caption). Images are the
 spec's 16x16x3 pixels in [-1, 1] as 4x4 grids of 48-dim patches (channel last),
 with `add_pos_emb=True, modality_num_dim=2`. Sampling: `sample_many` with
 `force_modality_at_start=(0, (4, 4))` after the prompt's caption ids, its defaults
 otherwise (16 ODE time points, midpoint solver: 15 steps = 30 model evaluations,
 cfg_scale 3), from the EMA model.
+
+With the spec's `conditioning_check`, the last snapshot is also sampled with the same
+noise (same torch seed, so each prompt index draws the same noise) for: every caption
+swapped with the next prompt's (`images_swap`), the caption's ids replaced by the
+library's null-text id at CFG 1 (its unconditional branch, `images_uncond`), the
+captions at CFG 1 (`images_cfg1`), and the captions with the next seed's noise
+(`images_reseed`); the driver compares and scores them.
 
 Training time counts every step (data rendering, forward, backward, optimizer, EMA
 update) and nothing else: EMA snapshots are copied off the clock at the first step
@@ -109,6 +119,7 @@ class PairStream:
 def build_model(spec: dict):
     from transfusion_pytorch import Transfusion
 
+    peer = spec["peer"]
     grid = spec["image_size"] // spec["patch_size"]
     # Its FeedForward is GEGLU with inner size int(dim * factor * 2 / 3): this factor
     # gives tfusion's SwiGLU hidden size exactly.
@@ -117,6 +128,8 @@ def build_model(spec: dict):
         num_text_tokens=spec["num_text_tokens"],
         dim_latent=spec["patch_size"] ** 2 * 3,
         modality_default_shape=(grid, grid), modality_num_dim=2, add_pos_emb=True,
+        flow_loss_weight=peer["flow_loss_weight"], prob_uncond=peer["prob_uncond"],
+        odeint_kwargs=dict(atol=1e-5, rtol=1e-5, method=peer["ode_method"]),
         transformer=dict(dim=spec["width"], depth=spec["depth"], heads=spec["heads"],
                          dim_head=spec["head_dim"], ff_expansion_factor=ff_factor))
 
@@ -131,9 +144,12 @@ def pin_processing_strategy(model) -> str:
     return model.modality_processing
 
 
-def train(model, ema, stream: PairStream, budgets_s: list[float], batch_size: int) -> list[dict]:
-    """Trains until the last budget; returns one EMA snapshot per budget."""
-    opt = torch.optim.Adam(model.parameters(), lr=3e-4)
+def train(model, ema, stream: PairStream, budgets_s: list[float], peer: dict) -> list[dict]:
+    """Trains until the last budget; returns one EMA snapshot per budget (the raw
+    weights when peer["ema_beta"] is 0)."""
+    batch_size = peer["batch_size"]
+    opt = torch.optim.Adam(model.parameters(), lr=peer["lr"])
+    use_ema = peer["ema_beta"] > 0
     model.train()
     pending, snapshots, losses = sorted(budgets_s), [], []
     elapsed, step = 0.0, 0
@@ -141,10 +157,11 @@ def train(model, ema, stream: PairStream, budgets_s: list[float], batch_size: in
         start = time.perf_counter()
         loss = model(stream.batch(batch_size))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), peer["grad_clip"])
         opt.step()
         opt.zero_grad()
-        ema.update()
+        if use_ema:
+            ema.update()
         losses.append(loss.item())
         step += 1
         if step == ROUTER_WARMUP_STEPS:
@@ -154,21 +171,26 @@ def train(model, ema, stream: PairStream, budgets_s: list[float], batch_size: in
             snapshots.append(dict(budget_s=pending.pop(0), steps=step, train_seconds=elapsed,
                                   pairs_seen=step * batch_size,
                                   loss_last_100=statistics.mean(losses[-100:]),
-                                  state=copy.deepcopy(ema.ema_model.state_dict())))
+                                  state=copy.deepcopy((ema.ema_model if use_ema else model)
+                                                      .state_dict())))
             print(f"[peer] {elapsed:.0f} s: step {step}, loss {snapshots[-1]['loss_last_100']:.3f}",
                   flush=True)
     return snapshots
 
 
 def sample_images(ema, state: dict, prompt_ids: list[list[int]], grid: int, patch: int,
-                  seed: int) -> np.ndarray:
-    """One image per prompt from the EMA weights `state`: float32 [N, H, W, 3]."""
+                  seed: int, peer: dict, cfg_scale: float | None = None) -> np.ndarray:
+    """One image per prompt from the weights `state`: float32 [N, H, W, 3]. The noise of
+    prompt i depends only on `seed` and i (the initial noise is the only random draw
+    when the modality is forced at the start)."""
     ema.ema_model.load_state_dict(state)
     torch.manual_seed(seed)
     # max_length=1: sampling stops once more than max_length tokens were decoded, so right
     # after the forced image (16 tokens) instead of writing text after it.
     out = ema.sample_many([torch.tensor(ids) for ids in prompt_ids],
                           force_modality_at_start=(0, (grid, grid)), max_length=1,
+                          modality_steps=peer["modality_steps"],
+                          cfg_scale=peer["cfg_scale"] if cfg_scale is None else cfg_scale,
                           return_without_prompt=True)
     return np.stack([from_patch_grid(sample[0].tensor.numpy(), patch) for sample in out])
 
@@ -183,24 +205,37 @@ def run_quality(spec_path: str, out_dir: str) -> dict:
     mine = [stream.encode(p) for p in spec["prompts"]]
     if mine != spec["prompt_ids"]:
         raise RuntimeError("caption ids differ from tfusion's tokenizer")
+    peer = spec["peer"]
     model = build_model(spec)
-    ema = model.create_ema()
-    snapshots = train(model, ema, stream, [60.0 * m for m in spec["minutes"]],
-                      spec["batch_size"])
+    ema = model.create_ema(beta=peer["ema_beta"] or 0.99)
+    ema.update_every = peer["ema_update_every"]
+    snapshots = train(model, ema, stream, [60.0 * m for m in spec["minutes"]], peer)
     os.makedirs(out_dir, exist_ok=True)
-    grid = spec["image_size"] // spec["patch_size"]
-    points = []
+    grid, patch = spec["image_size"] // spec["patch_size"], spec["patch_size"]
+    ids = spec["prompt_ids"]
+    points, check = [], None
     for minutes, snap in zip(sorted(spec["minutes"]), snapshots):
         start = time.perf_counter()
-        images = sample_images(ema, snap.pop("state"), spec["prompt_ids"], grid,
-                               spec["patch_size"], spec["seed"])
+        state = snap.pop("state")
+        images = sample_images(ema, state, ids, grid, patch, spec["seed"], peer)
         path = os.path.join(out_dir, f"images_{minutes:g}min.npy")
         np.save(path, images.astype(np.float32))
         points.append(dict(snap, minutes=minutes, images=path,
                            sample_seconds=time.perf_counter() - start))
+        if spec.get("conditioning_check") and minutes == max(spec["minutes"]):
+            check = dict(minutes=minutes, images=path)
+            null = model.null_text_id
+            variants = dict(swap=(ids[1:] + ids[:1], spec["seed"], None),
+                            uncond=([[null] * len(i) for i in ids], spec["seed"], 1.0),
+                            cfg1=(ids, spec["seed"], 1.0), reseed=(ids, spec["seed"] + 1, None))
+            for name, (prompts, seed, cfg) in variants.items():
+                images = sample_images(ema, state, prompts, grid, patch, seed, peer, cfg)
+                check[name] = os.path.join(out_dir, f"images_{name}.npy")
+                np.save(check[name], images.astype(np.float32))
     return dict(torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
                 params=sum(p.numel() for p in model.parameters()),
-                processing_strategy=model.modality_processing, points=points)
+                processing_strategy=model.modality_processing, points=points,
+                conditioning_check=check)
 
 
 def image_seconds(shape_name: str, steps: int, cfg_scale: float) -> dict:

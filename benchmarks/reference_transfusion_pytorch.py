@@ -119,6 +119,19 @@ def pin_processing_strategy(model) -> str:
     return model.modality_processing
 
 
+def torch_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """The best float32 n^3 matmul rate of torch's own BLAS in this process (FLOP/s): the
+    peer's ceiling, next to the XLA matmul peak the driver divides by."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="cpu-s", choices=sorted(workloads.SHAPES))
@@ -136,6 +149,7 @@ def main():
     for name in args.scenarios.split(","):
         batches = scenario_batches(name, shape, min(args.warmup + args.steps, 8), args.seed)
         out[name] = time_training(model, batches, args.warmup, args.steps)
+    out["torch_matmul_peak_flops"] = torch_matmul_peak()
     print(json.dumps(out))
 
 

@@ -13,7 +13,11 @@ layers and no remat. MFU = useful FLOPs (tfusion.flops.train_step_flops) per sec
 over this machine's float32 matmul peak, measured in the same run. Each timed step
 is blocked on; the median step time is reported. The reference runs in its own venv
 as a subprocess (benchmarks/reference_transfusion_pytorch.py) on the same samples.
-Writes benchmarks/results/train_throughput.json.
+Writes benchmarks/results/train_throughput.json; with --append-run it also keeps a
+summary of this run next to those of the previous runs in that file (`three_runs`, the
+last three):
+
+    for i in 1 2 3; do python benchmarks/train_throughput.py --append-run; done
 """
 from __future__ import annotations
 
@@ -249,6 +253,39 @@ def machine_info() -> dict:
                 python=platform.python_version(), glibc_tunables=os.environ.get("GLIBC_TUNABLES"))
 
 
+def run_summary(result: dict) -> dict:
+    """The figures of one run that three_runs keeps."""
+    out = {}
+    for name in ("fixed", "mix"):
+        for key in ("tokens_per_s", "mfu", "mfu_executed", "reference_tokens_per_s",
+                    "reference_mfu", "ratio_vs_reference", "fraction_of_bare_jax"):
+            if key in result.get(name, {}):
+                out[f"{name}_{key}"] = result[name][key]
+    if "bare_jax" in result:
+        out["bare_jax_mfu_executed"] = result["bare_jax"]["mfu_executed"]
+    return dict(out, peak_flops=result["peak_flops"],
+                reference_torch_matmul_peak_flops=result.get("reference_torch_matmul_peak_flops"),
+                time=result["time"],
+                load_average=result["load_average"])
+
+
+def keep_runs(path: str, result: dict, keep: int = 3) -> dict:
+    """The previous file's three_runs (when it was made on this CPU model) plus this run,
+    the last `keep` of them; the top-level figures are the newest run's."""
+    runs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f).get("three_runs", {})
+        if previous.get("cpu_model") == result["machine"]["cpu_model"]:
+            runs = previous.get("runs", [])
+    runs = (runs + [run_summary(result)])[-keep:]
+    for i, run in enumerate(runs, 1):
+        run["run"] = i
+    return dict(note=f"the last {len(runs)} runs of `python benchmarks/train_throughput.py "
+                     "--append-run` on this CPU model; the top-level figures are the last run",
+                cpu_model=result["machine"]["cpu_model"], runs=runs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="cpu-s", choices=sorted(workloads.SHAPES))
@@ -266,6 +303,9 @@ def main():
     parser.add_argument("--peak-n", type=int, default=None,
                         help="matmul size of the peak measurement (default 2048)")
     parser.add_argument("--out", default=DEFAULT_OUT)
+    parser.add_argument("--append-run", action="store_true",
+                        help="keep this run's summary with the previous runs' (last three) "
+                             "in the output's three_runs")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a jax.profiler trace of 2 steps per scenario")
     args = parser.parse_args()
@@ -309,6 +349,7 @@ def main():
         result["machine"].update(torch_version=ref["torch_version"],
                                  torch_threads=ref["torch_threads"])
         result["reference_params"] = ref["params"]
+        result["reference_torch_matmul_peak_flops"] = ref.get("torch_matmul_peak_flops")
         for name in scenarios:
             r = ref[name]
             result[name].update(reference_tokens_per_s=r["tokens_per_s"],
@@ -316,6 +357,8 @@ def main():
                                 reference_step_s=r["step_s"],
                                 reference_processing_strategy=r["processing_strategy"],
                                 reference_flops_per_useful_token=r["flops_per_useful_token"],
+                                reference_useful_flops_per_s=(r["flops_per_useful_token"]
+                                                              * r["tokens_per_s"]),
                                 ratio_vs_reference=result[name]["tokens_per_s"] / r["tokens_per_s"])
             print(f"[reference] {name}: {r['tokens_per_s']:.0f} tokens/s, "
                   f"ratio {result[name]['ratio_vs_reference']:.2f}x", flush=True)
@@ -328,11 +371,15 @@ def main():
         for key in ("mfu", "mfu_executed"):
             result[name][key] *= peaks[0] / peak
         result[name]["peak_flops"] = peak
+        if "reference_useful_flops_per_s" in result[name]:  # its own FLOP count, same peak
+            result[name]["reference_mfu"] = result[name]["reference_useful_flops_per_s"] / peak
     if "bare_jax" in result:
         result["bare_jax"]["mfu_executed"] *= peaks[0] / peak
         result["bare_jax"]["peak_flops"] = peak
     result.update(peak_flops=peak, peak_flops_samples=peaks, peak_matmul_size=peak_n, load_average=load,
                   time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if args.append_run:
+        result["three_runs"] = keep_runs(args.out, result)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
