@@ -57,6 +57,14 @@ def train_config() -> ml_collections.ConfigDict:
     # metrics.jsonl) written to workdir/profile/ (TensorBoard's profile plugin,
     # Perfetto); () = none. Skip the first steps: they include compilation.
     c.profile_steps = ()
+    # Warm start (tfusion/train/warm_start.py): a run directory (or launch.export orbax
+    # directory) whose params, matched by name and shape, replace the fresh ones at the
+    # first start; "" = from scratch. init_from_params: its "ema" (where kept) or "raw".
+    c.init_from = ""
+    c.init_from_params = "ema"
+    # Param groups that get no updates and no optimizer state
+    # (tfusion/train/optimizer.py PARAM_GROUPS: text, embeddings, backbone, image).
+    c.freeze = ()
     c.sample_prompts = ("a red circle", "a large blue square at the center",
                         "a small green triangle at the top left and a yellow circle")
     # Non-finite loss/grads: the update is skipped and counted; after this many in a

@@ -64,7 +64,8 @@ class Target:
         self.mesh = sharding.make_mesh(config.mesh, devices)
         # The trainer's table (rule overrides and allow_replicated).
         self.table = sharding.mesh_rules(config.mesh)
-        self.tx = optimizer.make_optimizer(config.optimizer)
+        self.tx = optimizer.make_optimizer(config.optimizer,
+                                           tuple(config.train.get("freeze", ())))
         self.schedule = optimizer.learning_rate_schedule(config.optimizer, config.train.steps)
         self.ema = state_lib.uses_ema(config)
         self.state_sh = state_lib.train_state_shardings(config.model, self.tx, self.mesh,

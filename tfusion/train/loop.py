@@ -30,6 +30,7 @@ from tfusion.eval.heldout import HeldoutEvaluator
 from tfusion.train.step import Objective
 from tfusion.train import distributed, mfu, optimizer, state as state_lib, step as step_lib
 from tfusion.train.checkpoint import Checkpointer, iterator_state_for
+from tfusion.train.warm_start import warm_start
 from tfusion.train.feed import BatchFeed, data_counts
 from tfusion.train.metrics import MetricsWriter, console_line, data_summary, write_config
 from tfusion.train.params import abstract_model, stream_keys
@@ -155,7 +156,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(config.mesh, devices)
         self.table = sharding.mesh_rules(config.mesh)
         t = config.train
-        self.tx = optimizer.make_optimizer(config.optimizer)
+        self.tx = optimizer.make_optimizer(config.optimizer, tuple(t.get("freeze", ())))
         self.schedule = optimizer.learning_rate_schedule(config.optimizer, t.steps)
         self.state_sh = state_lib.train_state_shardings(config.model, self.tx, self.mesh, self.table,
                                                   ema=state_lib.uses_ema(config))
@@ -193,6 +194,8 @@ class Trainer:
         if restored is None:
             _, state = state_lib.init_state(self.config.model, self.tx, self.mesh, self.table,
                                             self.config.train.seed, self.state_sh)
+            if self.config.train.get("init_from", ""):
+                state = warm_start(state, self.config, self.mesh, self.table, self.workdir)
             return state
         latest, state, data = restored
         it_state = iterator_state_for(data, jax.process_index(), jax.process_count())

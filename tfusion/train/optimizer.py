@@ -13,6 +13,16 @@ import optax
 # Leaf names (last path key) that are excluded from weight decay.
 NO_DECAY_NAMES = ("scale", "bias")
 
+# train.freeze: param groups by the top-level name of the param tree. "text" is every
+# weight the text path uses: the embeddings, the LM head and, as the modality layers
+# share it, the whole backbone; "image" the image encoder and decoder.
+PARAM_GROUPS = {
+    "text": ("embed", "lm_head", "backbone", "final_norm"),
+    "embeddings": ("embed", "lm_head"),
+    "backbone": ("backbone", "final_norm"),
+    "image": ("image_encoder", "image_decoder"),
+}
+
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     """0 -> learning_rate over warmup_steps, then cosine to final_learning_rate at total_steps."""
@@ -33,7 +43,18 @@ def decay_mask(params):
         lambda path, _: _last_key(path) not in NO_DECAY_NAMES, params)
 
 
-def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+def frozen_mask(params, freeze) -> dict:
+    """True at every param in one of the `freeze` groups (PARAM_GROUPS)."""
+    names = {n for group in freeze for n in PARAM_GROUPS[group]}
+    return jax.tree_util.tree_map_with_path(lambda path, _: _first_key(path) in names, params)
+
+
+def _first_key(path) -> str:
+    key = path[0]
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def make_optimizer(opt_cfg, freeze=()) -> optax.GradientTransformation:
     """AdamW at unit learning rate; the train step multiplies its updates by
     learning_rate_schedule(step).
 
@@ -43,9 +64,18 @@ def make_optimizer(opt_cfg) -> optax.GradientTransformation:
     and adamw's decoupled decay is still scaled by lr as in optax.adamw.
     Clipping acts on the raw global-batch gradient, before Adam's moments;
     grad_clip <= 0 turns it off.
+
+    freeze (train.freeze, PARAM_GROUPS names): those params get zero updates and no
+    optimizer state (optax.multi_transform with set_to_zero; the clip norm is that of
+    the trained params' gradient). The train step adds lr * 0 to them, which leaves
+    them bit-identical, and the EMA of an unchanged param is that param.
     """
     adamw = optax.adamw(learning_rate=1.0, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                         weight_decay=opt_cfg.weight_decay, mask=decay_mask)
-    if opt_cfg.grad_clip <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), adamw)
+    trained = (adamw if opt_cfg.grad_clip <= 0
+               else optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip), adamw))
+    if not freeze:
+        return trained
+    labels = lambda params: jax.tree.map(lambda f: "frozen" if f else "trained",
+                                         frozen_mask(params, tuple(freeze)))
+    return optax.multi_transform({"trained": trained, "frozen": optax.set_to_zero()}, labels)

@@ -51,14 +51,31 @@ def train_state_shardings(model_cfg, tx: optax.GradientTransformation, mesh: Mes
     graphdef, abstract = abstract_model(model_cfg)
     param_sh = to_pure(sharding.state_shardings(abstract, mesh, table))
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, to_pure(abstract))
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = opt_state_shardings(tx, to_pure(abstract), param_sh, replicated)
     out = dict(params=param_sh, opt_state=opt_sh, rng=replicated)
     if ema:
         out["ema_params"] = param_sh
     out.update({k: replicated for k in SCALAR_KEYS})
     return out
+
+
+def opt_state_shardings(tx, params: dict, param_sh: dict, replicated) -> dict:
+    """Each optimizer-state leaf sharded like the param it belongs to: the param whose
+    key path ends the leaf's (Adam's mu/nu hold a copy of the param tree, also inside
+    optax.multi_transform, whose frozen params have no state); other leaves (counts)
+    replicated."""
+    by_path = {tuple(map(str, path)): sh
+               for path, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+
+    def one(path, leaf):
+        keys = tuple(map(str, path))
+        for start in range(len(keys)):
+            sh = by_path.get(keys[start:])
+            if sh is not None:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
 
 
 def abstract_params(model_cfg, mesh: Mesh, table: Mapping[str, Any]) -> dict:

@@ -131,8 +131,10 @@ def ema_decay_at(step, decay: float):
 
 
 def ema_update(ema, params, decay):
-    """ema <- decay ema + (1 - decay) params, leaf by leaf in float32 (sharded like params)."""
-    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
+    """ema <- decay ema + (1 - decay) params, leaf by leaf in float32 (sharded like params),
+    written as ema + (1 - decay)(params - ema): an average equal to its param (a frozen
+    one, train.freeze) stays bit-identical to it."""
+    return jax.tree.map(lambda e, p: (e + (1.0 - decay) * (p - e)).astype(e.dtype), ema, params)
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, schedule,

@@ -7,6 +7,8 @@ import jax
 
 from tfusion import sharding
 from tfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig
+from tfusion.train.optimizer import PARAM_GROUPS
+from tfusion.train.warm_start import validate_init_from
 
 
 def validate_train_config(config) -> None:
@@ -39,6 +41,11 @@ def validate_train_config(config) -> None:
         raise ConfigError("train.preemption_sync_every", "must be >= 1 (steps)")
     if t.peak_flops_per_device < 0:
         raise ConfigError("train.peak_flops_per_device", "must be >= 0 (0 = look up)")
+    unknown = [g for g in t.get("freeze", ()) if g not in PARAM_GROUPS]
+    if unknown:
+        raise ConfigError("train.freeze", f"unknown param group(s) {unknown}; choose from "
+                                          f"{tuple(PARAM_GROUPS)}")
+    validate_init_from(t)
 
 
 def validate_image_representation(c) -> None:

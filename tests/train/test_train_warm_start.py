@@ -1,0 +1,133 @@
+"""train.init_from (warm start from another run's params) and train.freeze (param
+groups with no updates and no optimizer state), against the source run's checkpoint
+read back independently, and across a resume."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from tests.helpers.train_fixtures import synthetic_config, synthetic_iterator_fn
+from tfusion.config import ConfigError
+from tfusion.eval.checkpoints import load_model
+from tfusion.eval.export import flat_names
+from tfusion.train import optimizer
+from tfusion.train.loop import Trainer
+from tfusion.train.state import to_pure
+
+
+def _run(workdir, steps, **train):
+    config = synthetic_config(steps=steps, ema_decay=0.9, **train)
+    trainer = Trainer(config, str(workdir), devices=jax.devices()[:1],
+                      train_iterator_fn=synthetic_iterator_fn())
+    trainer.run()
+    return trainer
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in flat_names(to_pure(tree)).items()}
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("source")
+    _run(workdir, steps=4)
+    return str(workdir)
+
+
+def test_warm_start_loads_matching_params_and_initialises_the_rest(source_run, tmp_path):
+    source = _flat(nnx_params(load_model(source_run, params="ema")[0]))
+    # A bigger vocab (64 -> 96 ids, both padded to 128 rows): the embedding and head
+    # load ids 0..63 and keep fresh rows for 64..95; everything else matches.
+    config = synthetic_config(steps=1, init_from=source_run, ema_decay=0.9)
+    workdir = str(tmp_path / "warm")
+    config.model.vocab_size = 96
+    scratch = synthetic_config(steps=1)
+    scratch.model.vocab_size = 96
+    fresh = _flat(Trainer(scratch, str(tmp_path / "fresh"), devices=jax.devices()[:1],
+                          train_iterator_fn=synthetic_iterator_fn())
+                  .restore_or_init(None)["params"])
+    trainer = Trainer(config, workdir, devices=jax.devices()[:1],
+                      train_iterator_fn=synthetic_iterator_fn())
+    state = trainer.restore_or_init(synthetic_iterator_fn()(config, process_index=0,
+                                                            process_count=1))
+    got = _flat(state["params"])
+    report = json.load(open(os.path.join(workdir, "warm_start.json")))
+    assert report["new"] == [] and len(report["vocab_rows"]) == 2, report
+    assert report["entry"] == "ema_params" and report["step"] == 4
+    rows = {"embed": (slice(None, 64), slice(64, 96)),
+            "lm_head.kernel": ((slice(None), slice(None, 64)), (slice(None), slice(64, 96)))}
+    for name, value in got.items():
+        if name in rows:
+            old, new = rows[name]
+            np.testing.assert_array_equal(value[old], source[name][old], err_msg=name)
+            # The new ids: a fresh initialisation (same seed), not the source's zero pad.
+            np.testing.assert_array_equal(value[new], fresh[name][new], err_msg=name)
+            assert np.abs(value[new]).max() > 0 and not source[name][new].any()
+        else:
+            np.testing.assert_array_equal(value, source[name], err_msg=name)
+    assert sorted(report["loaded"]) == sorted(got)
+    for a, b in zip(jax.tree.leaves(state["ema_params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def nnx_params(model):
+    from flax import nnx
+    return nnx.state(model, nnx.Param)
+
+
+def test_freeze_keeps_params_bit_identical_across_training_and_resume(source_run, tmp_path):
+    source = _flat(nnx_params(load_model(source_run, params="ema")[0]))
+    frozen_run = dict(init_from=source_run, freeze=("text",))
+    straight = tmp_path / "straight"
+    _run(straight, steps=6, **frozen_run)
+    after = _flat(nnx_params(load_model(str(straight), params="raw")[0]))
+    ema = _flat(nnx_params(load_model(str(straight), params="ema")[0]))
+    text = optimizer.PARAM_GROUPS["text"]
+    frozen = [n for n in after if n.split(".")[0] in text]
+    assert frozen and len(frozen) < len(after)
+    for name in after:
+        if name in frozen:
+            np.testing.assert_array_equal(after[name], source[name], err_msg=name)
+            np.testing.assert_array_equal(ema[name], source[name], err_msg=name)
+        else:  # the image layers did train
+            assert np.abs(after[name] - source[name]).max() > 0, name
+    # The same run stopped after step 4 (its step-6 checkpoint removed) and resumed:
+    # it reads its own checkpoint (not init_from again) and ends bit-identical.
+    resumed = tmp_path / "resumed"
+    _run(resumed, steps=6, **frozen_run)
+    shutil.rmtree(resumed / "checkpoints" / "6")
+    _run(resumed, steps=6, **frozen_run)
+    again = _flat(nnx_params(load_model(str(resumed), params="raw")[0]))
+    for name in again:
+        np.testing.assert_array_equal(again[name], after[name], err_msg=name)
+
+
+def test_frozen_params_have_no_optimizer_state():
+    config = synthetic_config()
+    params = {"embed": np.zeros((4, 3)), "backbone": {"w": np.zeros((3, 3))},
+              "image_encoder": {"w": np.zeros((3, 2))}}
+    tx = optimizer.make_optimizer(config.optimizer, ("text",))
+    state = tx.init(params)
+    moments = [x for x in jax.tree.leaves(state) if hasattr(x, "shape") and x.ndim]
+    # Adam's two moments of the one trained leaf only.
+    assert sorted(m.shape for m in moments) == [(3, 2), (3, 2)]
+    grads = jax.tree.map(np.ones_like, params)
+    updates, _ = tx.update(grads, state, params)
+    assert not np.asarray(updates["embed"]).any() and not np.asarray(updates["backbone"]["w"]).any()
+    assert np.asarray(updates["image_encoder"]["w"]).any()
+    assert isinstance(state, optax.MultiTransformState)
+
+
+@pytest.mark.parametrize("train,field", [
+    (dict(freeze=("txt",)), "train.freeze"),
+    (dict(init_from="/nonexistent/run"), "train.init_from"),
+    (dict(init_from_params="best"), "train.init_from_params"),
+])
+def test_bad_warm_start_config_fails_at_startup(tmp_path, train, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Trainer(synthetic_config(**train), str(tmp_path), devices=jax.devices()[:1],
+                train_iterator_fn=synthetic_iterator_fn())
