@@ -16,6 +16,7 @@ setup(
         "grain>=0.2.12,<0.3",
         "tensorflow-datasets>=4.9,<5",
         "sentencepiece>=0.2,<0.3",
+        "tokenizers>=0.19,<1",  # Hugging Face tokenizer.json (Llama 3, Qwen2, ...)
         "ml_collections>=1.0,<2",
         "absl-py>=2.0",
         "numpy>=1.26",

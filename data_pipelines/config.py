@@ -66,7 +66,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.text_token_share = 0.5
     c.mixture_probe_docs = 64
     # --- tokenizer ---
-    c.tokenizer = "builtin"  # "builtin" (trained from built-in captions) or a .model path
+    # "builtin" (trained from built-in captions), a sentencepiece .model path, or a
+    # Hugging Face tokenizer.json (or its directory; specials from tokenizer_config.json)
+    c.tokenizer = "builtin"
     c.tokenizer_vocab_size = 512  # builtin tokenizer size (incl. 256 byte-fallback pieces)
     c.tokenizer_cache_dir = ""  # where the builtin model is cached; "" = ~/.cache/tfusion
     # --- packing ---

@@ -1,9 +1,14 @@
-"""Sentencepiece tokenizer with the Transfusion special ids (PAD/BOS/EOS/BOI/EOI).
+"""Tokenizers with the Transfusion special ids (PAD/BOS/EOS/BOI/EOI).
 
-Two ways in:
-  * `load_tokenizer(path)`: any existing `.model` (e.g. Llama 2's). Missing BOI/EOI
-    pieces get ids appended past its vocabulary (Llama 2: 32000, 32001); a model
-    without a pad piece (Llama 2) uses `pad_id` (default 0 = config.model.pad_id).
+Three ways in:
+  * `load_tokenizer(path)`: any existing sentencepiece `.model` (e.g. Llama 2's).
+    Missing BOI/EOI pieces get ids appended past its vocabulary (Llama 2: 32000,
+    32001); a model without a pad piece (Llama 2) uses `pad_id` (default 0 =
+    config.model.pad_id).
+  * `load_tokenizer(path)` of a Hugging Face `tokenizer.json` (or a directory holding
+    one; Llama 3, Qwen2, most current models): read with the `tokenizers` library, its
+    BOS / EOS / PAD from the `tokenizer_config.json` beside it (JsonTokenizer); BOI/EOI
+    appended past its vocabulary (added tokens included) unless it has `<boi>`/`<eoi>`.
   * `train_tokenizer(texts, path)`: trains a model whose ids 0..5 are
     PAD, UNK, BOS, EOS, BOI, EOI. `builtin_tokenizer()` does this on the fly from the
     built-in captions (no download), deterministically, cached by content hash.
@@ -88,9 +93,110 @@ class Tokenizer:
         return self.sp.decode(keep)
 
 
-def load_tokenizer(path: str, pad_id: int = 0) -> Tokenizer:
-    """The sentencepiece model at `path`; TokenizerError naming it when it is missing,
-    unreadable or not a usable sentencepiece model."""
+class JsonTokenizer:
+    """A Hugging Face tokenizer.json through the `tokenizers` library, with the same
+    interface as Tokenizer; pickles as its JSON text and special-token names.
+
+    BOS, EOS and PAD are the tokenizer_config.json's `bos_token`, `eos_token` and
+    `pad_token` (a string, or a dict with "content"). A tokenizer with no BOS (Qwen2)
+    starts documents with its EOS, the separator its documents were trained with; one
+    with no PAD uses `pad_id` (pad positions are never attended or trained)."""
+
+    def __init__(self, tokenizer_json: str, special: dict, pad_id: int = 0):
+        self._json, self._special, self._default_pad = tokenizer_json, dict(special), pad_id
+        self._load()
+
+    def _load(self):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self.tok = HFTokenizer.from_str(self._json)
+        except Exception as e:  # the Rust parser raises its own exception type
+            raise ValueError(f"not a tokenizer.json ({str(e).strip()[:200]})") from e
+        base = self.tok.get_vocab_size(with_added_tokens=True)
+
+        def id_of(name):
+            token = self._special.get(name)
+            if isinstance(token, dict):
+                token = token.get("content")
+            if not token:
+                return None
+            found = self.tok.token_to_id(token)
+            if found is None:
+                raise ValueError(f"its {name} {token!r} is not a token of the vocabulary")
+            return found
+
+        self.eos_id = id_of("eos_token")
+        if self.eos_id is None:
+            raise ValueError("no eos_token in tokenizer_config.json (documents need an end)")
+        bos = id_of("bos_token")
+        self.bos_id = self.eos_id if bos is None else bos
+        pad = id_of("pad_token")
+        self.pad_id = self._default_pad if pad is None else pad
+        ids, appended = [], 0
+        for piece in (BOI_PIECE, EOI_PIECE):
+            found = self.tok.token_to_id(piece)
+            ids.append(base + appended if found is None else found)
+            appended += found is None
+        self.boi_id, self.eoi_id = ids
+        self.vocab_size = base + appended
+        self._base = base
+        self.special_ids = frozenset((self.pad_id, self.bos_id, self.eos_id,
+                                      self.boi_id, self.eoi_id))
+
+    def __getstate__(self):
+        return {"json": self._json, "special": self._special, "pad": self._default_pad}
+
+    def __setstate__(self, state):
+        self._json, self._special, self._default_pad = (state["json"], state["special"],
+                                                        state["pad"])
+        self._load()
+
+    def encode(self, text: str) -> list[int]:
+        """Text ids only (no template specials): BOS/EOS/BOI/EOI are placed by the
+        document builder."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decodes text ids; special and appended ids are dropped."""
+        keep = [int(i) for i in ids if i not in self.special_ids and 0 <= i < self._base]
+        return self.tok.decode(keep, skip_special_tokens=False)
+
+
+def _load_json_tokenizer(path: str, pad_id: int) -> JsonTokenizer:
+    """tokenizer.json at `path` (a file, or a directory holding it) with the
+    tokenizer_config.json beside it."""
+    import json
+
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise TokenizerError(f"cannot read tokenizer {file!r}: {e.strerror or e}") from e
+    special = {}
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            special = {k: v for k, v in json.load(f).items()
+                       if k in ("bos_token", "eos_token", "pad_token")}
+    try:
+        return JsonTokenizer(text, special, pad_id=pad_id)
+    except ValueError as e:
+        raise TokenizerError(f"{file!r}: {e}") from e
+
+
+def is_json_tokenizer(path: str) -> bool:
+    return path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+
+def load_tokenizer(path: str, pad_id: int = 0):
+    """The tokenizer at `path`: a sentencepiece `.model`, or a Hugging Face
+    `tokenizer.json` (or a directory with one); TokenizerError naming it when it is
+    missing, unreadable or not usable."""
+    if is_json_tokenizer(path):
+        return _load_json_tokenizer(path, pad_id)
     try:
         with open(path, "rb") as f:
             proto = f.read()
@@ -162,8 +268,9 @@ def builtin_tokenizer(vocab_size: int = 512, cache_dir: str = "") -> Tokenizer:
     return train_tokenizer(corpus, path, vocab_size)
 
 
-def build_tokenizer(config) -> Tokenizer:
-    """The tokenizer named by config.data.tokenizer ('builtin' or a .model path); a path
+def build_tokenizer(config):
+    """The tokenizer named by config.data.tokenizer ('builtin', a .model path or a
+    tokenizer.json / a directory with one); a path
     that is no usable model raises ConfigError naming the field and the path."""
     d = config.data
     pad_id = config.model.pad_id if "model" in config else 0
@@ -172,5 +279,5 @@ def build_tokenizer(config) -> Tokenizer:
     try:
         return load_tokenizer(d.tokenizer, pad_id=pad_id)
     except TokenizerError as e:
-        raise ConfigError("data.tokenizer", f"{e}; expected 'builtin' or a sentencepiece "
-                                            ".model file") from e
+        raise ConfigError("data.tokenizer", f"{e}; expected 'builtin', a sentencepiece "
+                                            ".model file or a tokenizer.json") from e

@@ -58,3 +58,61 @@ def test_cli_trains_a_model(tmp_path):
                     f"--output={out}", "--vocab_size=320"], check=True, capture_output=True)
     tok = tk.load_tokenizer(str(out))
     assert tok.boi_id == 4 and tok.decode(tok.encode("the green triangle")) == "the green triangle"
+
+
+def _write_hf_tokenizer(directory, specials: dict, added=("<|begin_of_text|>", "<|end_of_text|>")):
+    """A byte-level BPE tokenizer.json trained here (the Llama 3 / Qwen2 kind) and its
+    tokenizer_config.json."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=list(added),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    directory.mkdir(exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(specials))
+    return tok
+
+
+def test_hf_tokenizer_json_llama3_like(tmp_path):
+    hf = _write_hf_tokenizer(tmp_path / "llama3", {
+        "bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}})
+    tok = tk.load_tokenizer(str(tmp_path / "llama3"), pad_id=0)
+    base = hf.get_vocab_size(with_added_tokens=True)
+    assert (tok.bos_id, tok.eos_id) == (hf.token_to_id("<|begin_of_text|>"),
+                                        hf.token_to_id("<|end_of_text|>"))
+    assert (tok.boi_id, tok.eoi_id, tok.vocab_size, tok.pad_id) == (base, base + 1, base + 2, 0)
+    for text in ["the red circle sits at the top", "unseen wörds ünd 漢字 too!"]:
+        ids = tok.encode(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids
+        assert tok.decode([tok.bos_id, *ids, tok.boi_id, tok.eoi_id, tok.eos_id]) == text
+    again = pickle.loads(pickle.dumps(tok))
+    assert again.encode("green") == tok.encode("green") and again.boi_id == tok.boi_id
+    # The file itself works like its directory.
+    assert tk.load_tokenizer(str(tmp_path / "llama3" / "tokenizer.json")).eoi_id == base + 1
+
+
+def test_hf_tokenizer_json_without_bos_and_bad_specials(tmp_path):
+    import pytest
+
+    from experiments.base import base_config
+    from tfusion.config import ConfigError
+
+    hf = _write_hf_tokenizer(tmp_path / "qwen", {"bos_token": None,
+                                                 "eos_token": "<|end_of_text|>",
+                                                 "pad_token": "<|begin_of_text|>"})
+    tok = tk.load_tokenizer(str(tmp_path / "qwen"))
+    eos = hf.token_to_id("<|end_of_text|>")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (eos, eos, hf.token_to_id("<|begin_of_text|>"))
+    _write_hf_tokenizer(tmp_path / "bad", {"eos_token": "<|not_there|>"})
+    with pytest.raises(tk.TokenizerError, match="not a token"):
+        tk.load_tokenizer(str(tmp_path / "bad"))
+    config = base_config()
+    config.data.tokenizer = str(tmp_path / "bad" / "tokenizer.json")
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        tk.build_tokenizer(config)
