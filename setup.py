@@ -32,7 +32,10 @@ setup(
     extras_require={
         # torch: the CPU build on disk here; an unpinned torch pulls a multi-GB CUDA build.
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "torch==2.13.0",
-                 "diffusers>=0.30", "safetensors>=0.4"],
+                 "diffusers>=0.30", "safetensors>=0.4",
+                 # reference for the Hugging Face import/export parity tests (never imported
+                 # by tfusion itself); 5.x shares diffusers' huggingface-hub >= 1.x
+                 "transformers>=5,<6"],
         # lucidrains' PyTorch Transfusion, the throughput baseline of benchmarks/.
         "reference": ["torch==2.13.0", "transfusion-pytorch==0.20.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],

@@ -68,6 +68,8 @@ class Tokenizer:
                 appended += 1
         self.boi_id, self.eoi_id = ids
         self.vocab_size = base + appended
+        self.base_vocab_size = base  # ids of the model itself (BOI/EOI appended after)
+        self.bos_from_eos = False
         self.special_ids = frozenset((self.pad_id, self.bos_id, self.eos_id,
                                       self.boi_id, self.eoi_id))
 
@@ -130,6 +132,7 @@ class JsonTokenizer:
         if self.eos_id is None:
             raise ValueError("no eos_token in tokenizer_config.json (documents need an end)")
         bos = id_of("bos_token")
+        self.bos_from_eos = bos is None
         self.bos_id = self.eos_id if bos is None else bos
         pad = id_of("pad_token")
         self.pad_id = self._default_pad if pad is None else pad
@@ -140,7 +143,7 @@ class JsonTokenizer:
             appended += found is None
         self.boi_id, self.eoi_id = ids
         self.vocab_size = base + appended
-        self._base = base
+        self.base_vocab_size = base  # ids of tokenizer.json, added tokens included
         self.special_ids = frozenset((self.pad_id, self.bos_id, self.eos_id,
                                       self.boi_id, self.eoi_id))
 
@@ -159,7 +162,7 @@ class JsonTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Decodes text ids; special and appended ids are dropped."""
-        keep = [int(i) for i in ids if i not in self.special_ids and 0 <= i < self._base]
+        keep = [int(i) for i in ids if i not in self.special_ids and 0 <= i < self.base_vocab_size]
         return self.tok.decode(keep, skip_special_tokens=False)
 
 
@@ -258,14 +261,19 @@ def default_cache_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "tfusion", "tokenizers")
 
 
-def builtin_tokenizer(vocab_size: int = 512, cache_dir: str = "") -> Tokenizer:
+def builtin_tokenizer_path(vocab_size: int = 512, cache_dir: str = "") -> str:
+    """Where the built-in tokenizer of this size is cached (trained there if missing)."""
     corpus = builtin_corpus()
     digest = hashlib.sha256("\n".join(corpus).encode()).hexdigest()[:16]
     name = f"builtin-v{BUILTIN_VERSION}-{vocab_size}-{digest}.model"
     path = os.path.join(cache_dir or default_cache_dir(), name)
-    if os.path.exists(path):
-        return load_tokenizer(path)
-    return train_tokenizer(corpus, path, vocab_size)
+    if not os.path.exists(path):
+        train_tokenizer(corpus, path, vocab_size)
+    return path
+
+
+def builtin_tokenizer(vocab_size: int = 512, cache_dir: str = "") -> Tokenizer:
+    return load_tokenizer(builtin_tokenizer_path(vocab_size, cache_dir))
 
 
 def build_tokenizer(config):

@@ -19,6 +19,7 @@ writes the files.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -31,6 +32,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, che
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", "", "Text prompt (caption, or text after --image).")
 _IMAGE = flags.DEFINE_string("image", None, "Image to caption (any PIL-readable file).")
+_MODE = flags.DEFINE_enum("mode", "image", ["image", "text"],
+                          "image: the prompt is a caption and an image follows (BOS caption "
+                          "BOI), or with --image the image then the text; text: BOS prompt, "
+                          "continued as text (an LM's greedy continuation with --temperature=0).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
 _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
                             "ema: the run's EMA of the parameters (raw where it kept none).")
@@ -54,7 +59,8 @@ class ImageInputError(ValueError):
     """--image is missing or not a decodable image."""
 
 
-def build_prompt(tokenizer, config, text: str, image_path: str | None) -> list:
+def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str = "image"
+                 ) -> list:
     import numpy as np
 
     from data_pipelines import encoders
@@ -62,6 +68,8 @@ def build_prompt(tokenizer, config, text: str, image_path: str | None) -> list:
     from data_pipelines.records import BadRecord
     from tfusion.inference.model_sampler import text_to_image_prompt
 
+    if mode == "text" and image_path is None:
+        return [np.asarray([tokenizer.bos_id] + tokenizer.encode(text), np.int32)]
     if image_path is None:
         return text_to_image_prompt(tokenizer, text)
     try:
@@ -87,7 +95,7 @@ def write_outputs(out_dir: str, first: int, generations, tokenizer, config) -> l
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for i, g in enumerate(generations, start=first):
-        parts, n_images = [], 0
+        parts, n_images, tokens = [], 0, []
         for seg in g.segments:
             if seg.ndim == 3:
                 name = f"sample_{i}_image_{n_images}.png"
@@ -97,9 +105,12 @@ def write_outputs(out_dir: str, first: int, generations, tokenizer, config) -> l
                 n_images += 1
             else:
                 parts.append(tokenizer.decode(seg.tolist()))
+                tokens.append([int(t) for t in seg])
         path = os.path.join(out_dir, f"sample_{i}.txt")
         with open(path, "w") as f:
             f.write(" ".join(p for p in parts if p) + "\n")
+        with open(os.path.join(out_dir, f"sample_{i}.json"), "w") as f:
+            json.dump({"token_segments": tokens, "images": n_images}, f)  # sampled ids, exactly
         written.append(path)
     return written
 
@@ -132,7 +143,7 @@ def main(argv) -> None:
         model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
                                          params=_PARAMS.value)
         tokenizer = build_tokenizer(config)
-        prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value)
+        prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value, _MODE.value)
     except (RunNotFoundError, ConfigError, ImageInputError) as e:
         sys.exit(f"error: {e}")  # the user's input is wrong: one line, no traceback
     overrides = dict(max_new_tokens=_MAX_NEW_TOKENS.value, max_images=_MAX_IMAGES.value,

@@ -14,6 +14,7 @@ import math
 import ml_collections
 
 MODALITY_LAYERS = ("linear", "unet")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 IMAGE_ATTENTION = ("bidirectional", "causal")
 IMAGE_REPRESENTATIONS = ("continuous", "discrete")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -107,6 +108,16 @@ class ModelConfig(_Section):
     num_kv_heads: int = 0  # grouped-query attention: 0 = same as num_heads (plain MHA)
     mlp_hidden: int = 0  # SwiGLU hidden size; 0 = Llama's 8/3 * width rounded to 256
     rope_theta: float = 10_000.0
+    # RoPE frequency scaling of long-context checkpoints (layers.rope_inv_freq): "none",
+    # "linear" (every frequency / factor) or "llama3" (Llama 3.1: low frequencies / factor,
+    # high ones kept, a smooth ramp between, set by the two factors and the original
+    # context length).
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2); Llama has none
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # Llama 2 unties the LM head from the embedding
     qk_norm: bool = False  # RMSNorm on q and k per head: only for the Chameleon baseline
@@ -210,7 +221,14 @@ class ModelConfig(_Section):
             if getattr(self, field) % self.patch_size:
                 self.fail(prefix, "patch_size", f"{self.patch_size} does not divide "
                                                 f"{field}={getattr(self, field)}")
+        if self.rope_scaling != "none" and not self.rope_scaling_factor >= 1.0:
+            self.fail(prefix, "rope_scaling_factor", f"must be >= 1, got {self.rope_scaling_factor}")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            self.fail(prefix, "rope_high_freq_factor", "llama3 scaling needs 0 < "
+                                                       "rope_low_freq_factor < rope_high_freq_factor")
         self.check_choices(prefix, dict(
+            rope_scaling=ROPE_SCALINGS,
             modality_layer=MODALITY_LAYERS, remat_policy=REMAT_POLICIES,
             image_attention=IMAGE_ATTENTION, dtype=DTYPES, attention_kernel=ATTENTION_KERNELS,
             image_representation=IMAGE_REPRESENTATIONS))

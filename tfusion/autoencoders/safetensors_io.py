@@ -101,3 +101,84 @@ def save(path: str, tensors: Mapping[str, np.ndarray],
         f.write(encoded)
         for raw in chunks:
             f.write(raw)
+
+
+class SafetensorsReader:
+    """A safetensors file read one tensor at a time (seek + read): host memory holds
+    the header and the tensor asked for, never the file (Hugging Face LLM shards)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+            head = self._file.read(8)
+            (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            size = self._file.seek(0, 2)
+            if header_len is None or header_len > size - 8:
+                raise SafetensorsError(path, "not a safetensors file (bad header length)")
+            self._file.seek(8)
+            header, _ = _read_header(path, head + self._file.read(header_len))
+        except OSError as e:
+            raise SafetensorsError(path, f"cannot read: {e.strerror or e}") from e
+        self._body_start, self._body_len = 8 + header_len, size - 8 - header_len
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header = header
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        begin, end = info.get("data_offsets", [0, 0]) if isinstance(info, dict) else (0, 0)
+        if not (isinstance(begin, int) and isinstance(end, int)
+                and 0 <= begin <= end <= self._body_len):
+            raise SafetensorsError(self.path, f"tensor {name}: data_offsets {begin, end} "
+                                              f"outside the {self._body_len} data bytes")
+        self._file.seek(self._body_start + begin)
+        raw = self._file.read(end - begin)
+        # _tensor checks dtype, shape and size against the header entry.
+        return _tensor(self.path, name, dict(info, data_offsets=[0, len(raw)]),
+                       memoryview(raw))
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def save_streamed(path: str, specs, arrays, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes a safetensors file from `specs` [(name, shape, dtype)] (the header, in
+    file order) and `arrays`, an iterable yielding each tensor in that order: one
+    tensor in memory at a time. Written to path + ".tmp", then renamed."""
+    header, offset = {}, 0
+    for name, shape, dtype in specs:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path + ".tmp", "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        count = 0
+        for (name, shape, dtype), array in zip(specs, arrays):
+            array = np.ascontiguousarray(array, dtype=dtype)
+            if tuple(array.shape) != tuple(shape):
+                raise ValueError(f"{name}: got shape {array.shape}, header says {shape}")
+            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            count += 1
+        if count != len(specs):
+            raise ValueError(f"{path}: {count} tensors for {len(specs)} header entries")
+    import os
+    os.replace(path + ".tmp", path)

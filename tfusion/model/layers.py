@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -115,11 +116,37 @@ class Conv(nnx.Module):
 
 # --- positions: rotary embeddings (rotate-half layout), positions per document ---
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float):
-    """positions [B, L] -> (sin, cos) each [B, L, 1, head_dim // 2], float32."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_positions: int = 8192) -> np.ndarray:
+    """The head_dim // 2 rotation frequencies theta^(-i / half), float32, with the
+    checkpoint's scaling: "linear" divides all by factor; "llama3" divides those whose
+    wavelength exceeds original_max_positions / low_freq_factor, keeps those below
+    original_max_positions / high_freq_factor, and interpolates in between."""
     half = head_dim // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    inv_freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "llama3":
+        wavelength = 2 * np.pi / inv_freq
+        ramp = (original_max_positions / wavelength - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        blended = (1 - ramp) * inv_freq / factor + ramp * inv_freq
+        inv_freq = np.where(wavelength > original_max_positions / low_freq_factor,
+                            inv_freq / factor,
+                            np.where(wavelength < original_max_positions / high_freq_factor,
+                                     inv_freq, blended))
+    elif scaling != "none":
+        raise ValueError(f"unknown rope scaling {scaling!r}")
+    return inv_freq.astype(np.float32)
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float, inv_freq=None):
+    """positions [B, L] -> (sin, cos) each [B, L, 1, head_dim // 2], float32;
+    inv_freq: rope_inv_freq's frequencies (default: unscaled)."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
 
 

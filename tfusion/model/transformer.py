@@ -72,7 +72,7 @@ class SelfAttention(nnx.Module):
         self.kernel_name = cfg.attention_kernel
         self.qkv = Dense(cfg.width, (self.num_kv_heads, self.group + 2, self.head_dim),
                          ("embed", "kv_heads", None, "head_dim"), rngs=rngs,
-                         std=cfg.init_std, dtype=cfg.dtype)
+                         std=cfg.init_std, use_bias=cfg.qkv_bias, dtype=cfg.dtype)
         self.out = Dense(cfg.num_heads * self.head_dim, (cfg.width,), ("heads", "embed"),
                          rngs=rngs, std=cfg.init_std / (2 * cfg.depth) ** 0.5, dtype=cfg.dtype)
         if cfg.qk_norm:

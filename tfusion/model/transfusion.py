@@ -22,7 +22,7 @@ from flax import nnx
 from tfusion import attention
 from tfusion.config import ModelConfig
 from tfusion.model.layers import (Dense, RMSNorm, TimestepMLP, dtype_of, make_param, patchify,
-                                  rope_angles, unpatchify)
+                                  rope_angles, rope_inv_freq, unpatchify)
 from tfusion.model.transformer import BlockContext, Transformer
 from tfusion.sharding import constrain
 from tfusion.model.unet import UNetDecoder, UNetEncoder
@@ -140,7 +140,11 @@ class Transfusion(nnx.Module):
             bidirectional_images=self.cfg.image_attention == "bidirectional")
 
     def context(self, positions, mask: attention.MaskInfo, cache_index=None) -> BlockContext:
-        sin, cos = rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        c = self.cfg
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_scaling_factor,
+                                 c.rope_low_freq_factor, c.rope_high_freq_factor,
+                                 c.rope_original_max_positions)
+        sin, cos = rope_angles(positions, c.head_dim, c.rope_theta, inv_freq)
         return BlockContext(sin=sin, cos=cos, mask=mask, cache_index=cache_index)
 
     def mix_inputs(self, tokens, image_index, patch_emb) -> jax.Array:
