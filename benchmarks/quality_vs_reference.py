@@ -497,11 +497,16 @@ def default_peer_from(path: str) -> dict | None:
         old = json.load(f)
     if "default_peer" in old:
         return old["default_peer"]
+    keys = ("how", "reference_best_mean_attribute", "reference_seconds_to_best",
+            "reference_minutes_point_of_best", "tfusion_seconds_to_reference_best")
     return dict(name="default (its example's recipe)", seed=0, settings=dict(PEER_DEFAULTS),
-                command=old["command"], time=old["time"],
+                command=old["command"], time=old["time"], cpu_model=old["machine"]["cpu_model"],
                 load_average=old["machine"]["load_average"], points=old["points"]["reference"],
-                note="from the earlier session's run (tfusion's side of that run: "
-                     f"time_ratio_vs_reference {old['time_ratio_vs_reference']:.2f})")
+                tfusion_points=old["points"]["tfusion"],
+                comparison=dict({k: old[k] for k in keys},
+                                time_ratio=old["time_ratio_vs_reference"]),
+                note="the earlier session's run of both sides (tfusion seed 0 and this peer, "
+                     "one after the other on one machine); its ratio is that run's")
 
 
 def peer_variant_row(run: dict) -> dict:
@@ -550,7 +555,9 @@ def budget_rows(budgets: list[float], sides: dict[str, list[dict]]) -> list[dict
     for b in budgets:
         row = dict(minutes=b)
         for side, runs in sides.items():
-            per_seed = [next(p for p in run["points"] if p["minutes"] == b) for run in runs]
+            per_seed = [p for run in runs for p in run["points"] if p["minutes"] == b]
+            if len(per_seed) != len(runs) or any(p["generation"] is None for p in per_seed):
+                continue  # not measured at this budget by every run
             row[side] = dict(seeds=[run["seed"] for run in runs], per_seed=per_seed,
                              mean_attribute=float(np.mean([p["generation"]["mean_attribute"]
                                                            for p in per_seed])))
@@ -572,7 +579,19 @@ def report(args, budgets: list[float]) -> dict:
 
     tf_mean, peer_mean = mean_curve(tfusion), mean_curve(peer)
     headline = compare(tf_mean, peer_mean)
-    vs_default = compare(tf_mean, default["points"]) if default else dict(time_ratio=None)
+    # Against the default peer: the earlier run's own ratio (both sides on its machine);
+    # and, when given, a default-recipe peer run here (--default-peer-run) against this
+    # tfusion mean curve.
+    vs_default = dict(default["comparison"]) if default else dict(time_ratio=None)
+    here = [load_run(d, "peer") for d in dirs(args.default_peer_run)]
+    if here:
+        vs_default["default_peer_run_here"] = dict(
+            compare(tf_mean, here[0]["points"]), workdir_command=here[0]["command"],
+            points=[dict(minutes=p["minutes"], steps=p["steps"],
+                         train_seconds=p["train_seconds"],
+                         mean_attribute=p["generation"]["mean_attribute"])
+                    for p in here[0]["points"]])
+        vs_default["default_peer_run_here"].pop("target")
     per_seed = [dict(tfusion_seed=t["seed"], peer_seed=p["seed"],
                      **{k: v for k, v in compare(t["points"], p["points"]).items()
                         if k not in ("target",)})
@@ -631,8 +650,8 @@ def report(args, budgets: list[float]) -> dict:
         time_ratio_vs_reference=headline["time_ratio"],
         comparison=dict(headline, against="the best peer, mean curves of the seeds"),
         time_ratio_vs_default_reference=vs_default["time_ratio"],
-        comparison_default=dict(vs_default, against="the default peer (one seed, earlier "
-                                                    "session) vs tfusion's mean curve"),
+        comparison_default=dict(vs_default, against="the default peer (seed 0) in the earlier "
+                                                    "session's run, against that run's tfusion"),
         per_seed=per_seed,
         target_met=headline["target_met"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -689,6 +708,8 @@ def main():
     parser.add_argument("--peer-runs", default="", help="--report: the best peer's workdirs")
     parser.add_argument("--peer-variants", default="", help="--report: screening workdirs")
     parser.add_argument("--conditioning", default="", help="--report: the check's workdir")
+    parser.add_argument("--default-peer-run", default="",
+                        help="--report: a default-recipe peer run on this machine (workdir)")
     parser.add_argument("--budgets", default="2,5,10", help="minutes of training time")
     parser.add_argument("--curve-points", default="1,1.5,3,7.5",
                         help="extra minutes scored for the plot and the ratio")
