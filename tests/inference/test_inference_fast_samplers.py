@@ -222,6 +222,7 @@ def test_cli_sampling_override_names_the_field():
         "dpmpp_2m", "trailing", (0.1, 0.9))
 
 
+@pytest.mark.slow
 def test_guidance_interval_on_a_mesh_matches_one_device():
     """The conditional-only steps slice the CFG cache's first rows: on a mesh (batch
     over data x fsdp, kv heads over tensor, 8 fake devices) the images equal the

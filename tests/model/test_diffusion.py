@@ -148,3 +148,6 @@ def test_paper_configs_keep_the_paper_recipe():
         assert (d.process, d.prediction, d.schedule, d.timestep_sampling, d.loss_weighting,
                 d.schedule_shift, d.sampler) == ("ddpm", "eps", "cosine", "uniform", "none",
                                                  1.0, "ddpm"), name
+        # Sampling: 250 respaced DDPM steps, CFG at every step.
+        assert (d.sample_steps, d.sample_spacing, tuple(d.cfg_interval)) == (
+            250, "linspace", (0.0, 1.0)), name

@@ -148,17 +148,29 @@ def test_greedy_text_generation_through_the_cli_equals_transformers(tmp_path):
     (lambda c: c.update(eos_token_id=7), "eos_token_id"),
 ])
 def test_unsupported_checkpoints_are_refused_by_name(tmp_path, edit, message):
+    from tfusion.eval.hf_checkpoints import import_hf
+    from tfusion.hf import HFCheckpointError
+
     hf_dir, _, _ = _hf_model(tmp_path, "llama")
     config = json.load(open(hf_dir / "config.json"))
     edit(config)
     (hf_dir / "config.json").write_text(json.dumps(config))
+    workdir = tmp_path / "run"
+    with pytest.raises(HFCheckpointError, match=message.replace("(", r"\(")):
+        import_hf(str(hf_dir), str(workdir), registry.get_config("shapes_tiny"))
+    assert not workdir.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".import_hf_")]
+
+
+def test_cli_refusal_is_one_line(tmp_path):
+    hf_dir, _, _ = _hf_model(tmp_path, "llama")
+    (hf_dir / "model.safetensors").unlink()
     workdir = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-m", "launch.import_hf", f"--hf_dir={hf_dir}",
                            f"--workdir={workdir}"], cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and message in last, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no model.safetensors" \
+        in proc.stderr, proc.stderr[-2000:]
     assert not workdir.exists()
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".import_hf_")]
