@@ -13,6 +13,16 @@ prompted object; `generation_mean` = the mean of the four, averaged over the two
 seeds; `seed_spread` = |seed 0 - seed 1|), and the 128 images of both seeds get an FID
 against 128 held-out real images in the shapes feature space (tfusion/eval/fid.py).
 
+The detector's score saturates on a well-trained run (a 16 px scene with one shape is
+read right from very few steps), so two finer measures come with it:
+  pixel_rmse_to_scene  per-image RMSE (pixels in [-1, 1]) between the image and the
+                       held-out scene its caption describes, mean over both seeds;
+  ode_error            deterministic samplers (ddim, dpmpp_2m) solve the same
+                       probability-flow ODE from the same x_T (a row's noise depends
+                       only on its seed): per-image RMSE of the seed-0 images against
+                       a 1000-step DDIM solve with the same guidance interval, the
+                       solver's own error. None for the ancestral ddpm sampler.
+
 Time per image, two ways:
   image_s        this model (batch of 64 prompts per call, CFG rows doubled) on the
                  second seed's pass (the first one compiles), seconds / 64;
@@ -49,6 +59,14 @@ ALL_LEVELS = (0.0, 1.0)
 # Sampling seeds of the two passes; prompt i of a pass uses seed + i, so the passes
 # share no seed.
 SEEDS = (0, 1000)
+DETERMINISTIC = ("ddim", "dpmpp_2m")
+ODE_REFERENCE_STEPS = 1000
+
+
+def _rmse(images, references) -> float:
+    """Mean over images of each image's RMSE against its reference."""
+    diff = np.asarray(images, np.float64) - np.asarray(references, np.float64)
+    return float(np.mean(np.sqrt(np.mean(np.square(diff), axis=(1, 2, 3)))))
 
 
 def _key(row) -> tuple:
@@ -88,6 +106,8 @@ class RunSampler:
         self.features = shapes_feature_fn(self.config.data.image_size)
         real = np.stack([r.image for r in heldout_references(self.config, 2 * prompts)])
         self.real_stats = fid_lib.stats_of_images([real], self.features)
+        self.scenes = real[:prompts]  # the held-out scene each prompt describes
+        self._ode_references = {}
 
 
     def images(self, sampler, spacing, steps, interval, seed) -> tuple[np.ndarray, float]:
@@ -101,6 +121,15 @@ class RunSampler:
         images = model_sampler.images([r.caption for r in self.refs])
         return images, time.perf_counter() - start
 
+    def ode_reference(self, interval) -> np.ndarray:
+        """Seed-0 images of a 1000-step DDIM solve (the ODE's solution, to within its
+        own error) with this guidance interval."""
+        key = tuple(interval)
+        if key not in self._ode_references:
+            self._ode_references[key] = self.images("ddim", "linspace", ODE_REFERENCE_STEPS,
+                                                    interval, SEEDS[0])[0]
+        return self._ode_references[key]
+
     def row(self, sampler, spacing, steps, interval) -> dict:
         from tfusion.eval import fid as fid_lib
 
@@ -113,10 +142,16 @@ class RunSampler:
         fid = fid_lib.frechet_distance(
             fid_lib.stats_of_images([np.concatenate(all_images)], self.features), self.real_stats)
         means = [s["mean_attribute"] for s in scores]
+        ode_error = None
+        if sampler in DETERMINISTIC:
+            ode_error = _rmse(all_images[0], self.ode_reference(interval))
         return dict(sampler=sampler, spacing=spacing, steps=steps, cfg_interval=list(interval),
                     generation_mean=float(np.mean(means)), seed_spread=float(abs(means[0] - means[1])),
                     exact_mean=float(np.mean([s["exact"] for s in scores])),
                     per_seed=scores, fid=float(fid),
+                    pixel_rmse_to_scene=float(np.mean([_rmse(im, self.scenes)
+                                                       for im in all_images])),
+                    ode_error=ode_error,
                     image_s=seconds[1] / len(self.refs), first_pass_s=seconds[0])
 
 
@@ -165,7 +200,7 @@ def plot(rows, path: str, reference: dict | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     series = {}
     for r in rows:
         interval = tuple(r["cfg_interval"])
@@ -178,8 +213,13 @@ def plot(rows, path: str, reference: dict | None) -> None:
         axes[0].errorbar(steps, [p["generation_mean"] for p in points],
                          yerr=[p["seed_spread"] / 2 for p in points], marker="o", label=label,
                          capsize=2)
-        axes[1].plot(steps, [p["fid"] for p in points], marker="o", label=label)
-    for ax, name in zip(axes, ("generation score (mean attribute accuracy)", "FID (shapes features)")):
+        axes[1].plot(steps, [p["pixel_rmse_to_scene"] for p in points], marker="o", label=label)
+        if points[0]["ode_error"] is not None:
+            axes[2].plot(steps, [p["ode_error"] for p in points], marker="o", label=label)
+    names = ("generation score (mean attribute accuracy)", "pixel RMSE to the prompt's scene",
+             f"ODE error (RMSE vs {ODE_REFERENCE_STEPS}-step DDIM, same x_T)")
+    axes[2].set_yscale("log")
+    for ax, name in zip(axes, names):
         ax.set_xscale("log")
         ax.set_xlabel("sampling steps")
         ax.set_ylabel(name)
@@ -188,9 +228,34 @@ def plot(rows, path: str, reference: dict | None) -> None:
         axes[0].axhline(reference["generation_mean"], color="grey", ls="--", lw=1,
                         label="250-step DDPM")
     axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.suptitle("Steps to quality on the README run (64 held-out prompts x 2 seeds, CFG 3)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown_table(result: dict) -> str:
+    """One row per configuration: scores, errors and time (docs/diffusion.md)."""
+    ref = result.get("reference_250_ddpm")
+    lines = ["| sampler | spacing | CFG interval | steps | generation (spread) | exact | "
+             "pixel RMSE to scene | ODE error | FID | image s (README model) | "
+             "image s (cpu-s) | cpu-s time / 250-step DDPM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = next((r.get("image_s_cpu_s") for r in result["rows"] if r["sampler"] == "ddpm"
+                 and r["steps"] == 250 and tuple(r["cfg_interval"]) == ALL_LEVELS), None)
+    for r in result["rows"]:
+        within = ref is not None and abs(r["generation_mean"] - ref["generation_mean"]) <= max(
+            ref["seed_spread"], r["seed_spread"])
+        cpu = r.get("image_s_cpu_s")
+        lines.append(
+            f"| {r['sampler']} | {r['spacing']} | {tuple(r['cfg_interval'])} | {r['steps']} | "
+            f"{r['generation_mean']:.3f} ({r['seed_spread']:.3f}){'' if within else ' *'} | "
+            f"{r['exact_mean']:.3f} | {r['pixel_rmse_to_scene']:.4f} | "
+            f"{'-' if r['ode_error'] is None else format(r['ode_error'], '.4f')} | "
+            f"{r['fid']:.1f} | {r['image_s']:.3f} | "
+            f"{'-' if cpu is None else format(cpu, '.2f')} | "
+            f"{'-' if cpu is None or not base else format(cpu / base, '.3f')} |")
+    return "\n".join(lines) + ("\n\n* outside the 250-step DDPM score's seed spread" if ref else "")
 
 
 def main() -> None:
@@ -208,7 +273,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="cpu-s timing repeats")
     ap.add_argument("--no_cpu_s", action="store_true", help="skip the cpu-s timings")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--table", action="store_true",
+                    help="print the markdown table of --out (docs/diffusion.md) and exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.out) as f:
+            print(markdown_table(json.load(f)))
+        return
 
     interval = tuple(float(v) for v in args.interval.split(","))
     samplers = [tuple(s.split(":")) for s in args.samplers.split(",")]
@@ -232,7 +303,9 @@ def main() -> None:
         result["rows"].append(row)
         print(f"{sampler:9s} {spacing:9s} {k:4d} steps interval {i}: generation "
               f"{row['generation_mean']:.3f} (spread {row['seed_spread']:.3f}) exact "
-              f"{row['exact_mean']:.3f} fid {row['fid']:.2f} image_s {row['image_s']:.4f} "
+              f"{row['exact_mean']:.3f} fid {row['fid']:.2f} rmse {row['pixel_rmse_to_scene']:.4f} "
+              f"ode {row['ode_error'] if row['ode_error'] is None else round(row['ode_error'], 4)} "
+              f"image_s {row['image_s']:.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         _write(result, args, runner, intervals)
     if not args.no_cpu_s:
