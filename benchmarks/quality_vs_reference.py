@@ -307,14 +307,14 @@ def compare(tfusion: list[dict], peer: list[dict]) -> dict:
     best = max(peer, key=lambda p: p["generation"]["mean_attribute"])  # earliest on ties
     target = best["generation"]["mean_attribute"]
     seconds, how = tfusion_time_to_reach(tfusion, target)
-    ratio = None if seconds is None else best["train_seconds"] / seconds
+    ratio = None if seconds is None else best["train_seconds"] / seconds  # the time ratio
     if ratio is None:
         met = False
     elif ratio >= TARGET_RATIO:
         met = True
     else:  # a lower bound under the target decides nothing
         met = False if how == "interpolated" else None
-    return dict(time_ratio=ratio, how=how,
+    return dict(factor=ratio, how=how,
                 reference_best_mean_attribute=target,
                 reference_seconds_to_best=best["train_seconds"],
                 reference_minutes_point_of_best=best["minutes"],
@@ -496,7 +496,10 @@ def default_peer_from(path: str) -> dict | None:
     with open(path) as f:
         old = json.load(f)
     if "default_peer" in old:
-        return old["default_peer"]
+        default = old["default_peer"]
+        if "time_ratio" in default["comparison"]:  # the first file of this layout
+            default["comparison"]["factor"] = default["comparison"].pop("time_ratio")
+        return default
     keys = ("how", "reference_best_mean_attribute", "reference_seconds_to_best",
             "reference_minutes_point_of_best", "tfusion_seconds_to_reference_best")
     return dict(name="default (its example's recipe)", seed=0, settings=dict(PEER_DEFAULTS),
@@ -504,7 +507,7 @@ def default_peer_from(path: str) -> dict | None:
                 load_average=old["machine"]["load_average"], points=old["points"]["reference"],
                 tfusion_points=old["points"]["tfusion"],
                 comparison=dict({k: old[k] for k in keys},
-                                time_ratio=old["time_ratio_vs_reference"]),
+                                factor=old["time_ratio_vs_reference"]),
                 note="the earlier session's run of both sides (tfusion seed 0 and this peer, "
                      "one after the other on one machine); its ratio is that run's")
 
@@ -571,8 +574,9 @@ def report(args, budgets: list[float]) -> dict:
     peer = [load_run(d, "peer") for d in dirs(args.peer_runs)]
     variants = [peer_variant_row(load_run(d, "peer")) for d in dirs(args.peer_variants)]
     default = default_peer_from(args.out)
-    check = next((load_run(d, "peer")["conditioning_check"] for d in dirs(args.conditioning)),
-                 None)
+    check = next((dict(load_run(d, "peer")["conditioning_check"],
+                       command=load_run(d, "peer")["command"], time=load_run(d, "peer")["time"])
+                  for d in dirs(args.conditioning)), None)
     best = max(variants, key=lambda v: v["screening"])  # the first listed on ties
     if peer and any(run["settings"] != best["settings"] for run in peer):
         raise SystemExit("--peer-runs must use the best screened variant's settings")
@@ -582,7 +586,7 @@ def report(args, budgets: list[float]) -> dict:
     # Against the default peer: the earlier run's own ratio (both sides on its machine);
     # and, when given, a default-recipe peer run here (--default-peer-run) against this
     # tfusion mean curve.
-    vs_default = dict(default["comparison"]) if default else dict(time_ratio=None)
+    vs_default = dict(default["comparison"]) if default else dict(factor=None)
     here = [load_run(d, "peer") for d in dirs(args.default_peer_run)]
     if here:
         vs_default["default_peer_run_here"] = dict(
@@ -633,8 +637,9 @@ def report(args, budgets: list[float]) -> dict:
         chance=chance,
         conditioning_check=check,
         tfusion_variants=TFUSION_VARIANTS,
-        tfusion_variants_note="from the earlier session's exploratory runs (one seed each, "
-                              "the same driver and scorer); not rerun here",
+        tfusion_variants_note="from the earlier session's exploratory runs (2026-12-05/06, "
+                              "one seed each, the same driver and scorer, on that session's "
+                              "Intel Xeon machine); not rerun here",
         peer_variants=variants,
         best_peer=dict(name=best["name"], settings=best["settings"], changed=best["changed"],
                        screening=best["screening"],
@@ -647,9 +652,9 @@ def report(args, budgets: list[float]) -> dict:
         budgets=budget_rows(budgets, dict(tfusion=tfusion, reference=peer,
                                           **({"default_reference": [default]} if default
                                              else {}))),
-        time_ratio_vs_reference=headline["time_ratio"],
+        time_ratio_vs_reference=headline["factor"],
         comparison=dict(headline, against="the best peer, mean curves of the seeds"),
-        time_ratio_vs_default_reference=vs_default["time_ratio"],
+        time_ratio_vs_default_reference=vs_default["factor"],
         comparison_default=dict(vs_default, against="the default peer (seed 0) in the earlier "
                                                     "session's run, against that run's tfusion"),
         per_seed=per_seed,
@@ -665,16 +670,16 @@ def report(args, budgets: list[float]) -> dict:
                 dict(faint, color="C1")) for r in peer]
     series += [(f"peer, best ({best['name']}), mean", peer_mean, "s-", dict(color="C1"))]
     if default:
-        series += [("peer, its example's defaults (seed 0)", default["points"], "^--",
+        series += [("peer, its example's defaults (seed 0, earlier run, Intel)", default["points"], "^--",
                     dict(color="C2", lw=1))]
     plot(args.plot, series, chance, budgets, args.prompts)
     for row in result["budgets"]:
         print(f"{row['minutes']:g} min | " + " | ".join(
             f"{side} {[round(p['generation']['mean_attribute'], 3) for p in cell['per_seed']]}"
             for side, cell in row.items() if side != "minutes"))
-    print(f"time_ratio_vs_reference (best peer): {headline['time_ratio']} ({headline['how']}); "
-          f"vs default peer: {vs_default['time_ratio']}; per seed: "
-          f"{[round(r['time_ratio'] or 0, 2) for r in per_seed]}")
+    print(f"time_ratio_vs_reference (best peer): {headline['factor']} ({headline['how']}); "
+          f"vs default peer: {vs_default['factor']}; per seed: "
+          f"{[round(r['factor'] or 0, 2) for r in per_seed]}")
     print(f"wrote {args.out} and {args.plot}")
     return result
 
