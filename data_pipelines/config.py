@@ -12,7 +12,9 @@ import ml_collections
 
 from tfusion.config import ConfigError, image_token_offset
 
-IMAGE_SOURCES = ("shapes", "digits", "folder", "array_record", "tfds", "precomputed", "none")
+IMAGE_SOURCES = ("shapes", "shapes_edit", "digits", "folder", "edit_folder", "array_record",
+                 "tfds", "precomputed", "none")
+EDIT_SOURCES = ("shapes_edit", "edit_folder")  # documents with a condition image
 TEXT_SOURCES = ("captions", "files", "none")
 
 
@@ -44,6 +46,14 @@ def data_config() -> ml_collections.ConfigDict:
     c.tfds_caption_key = "caption"  # tfds source: feature holding the caption (str/bytes)
     c.num_examples = 1_000_000  # shapes: procedural training set size (any index renders)
     c.shapes_max_per_image = 3  # shapes: 1..this many shapes per image (<= 9 grid cells)
+    # --- image editing (docs/editing.md) ---
+    # shapes_edit: this share of the records are edits (data_pipelines/shapes_edit.py),
+    # the rest shapes pairs as source="shapes" draws them; edit_folder: every record.
+    c.edit_fraction = 0.5
+    c.edit_max_shapes = 3  # shapes_edit scenes hold 1..this many objects (>= 2)
+    # Edit documents without their instruction (BOS BOI <input> EOI BOI <output> EOI
+    # EOS): the image-conditioned unconditional branch of instruction guidance.
+    c.edit_instruction_dropout = 0.1
     # Examples held out for make_eval_iterator: the first `eval_examples` records of
     # a file source, or a separately seeded shapes set (never seen in training).
     c.eval_examples = 256
@@ -131,7 +141,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("text_source", "text-only training needs text_source='files'")
     if d.text_source == "files" and not d.text_files:
         _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
-    if d.source in ("folder", "array_record") and not d.data_dir:
+    if d.source in ("folder", "array_record", "edit_folder") and not d.data_dir:
         _fail("data_dir", f"source={d.source!r} needs data_dir")
     if d.source == "folder":
         _validate_folder(d.data_dir)
@@ -147,11 +157,39 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("max_bad_fraction", f"{d.max_bad_fraction} outside (0, 1] (1 = never stop)")
     if d.multi_image_fraction > 1.0:
         _fail("multi_image_fraction", f"{d.multi_image_fraction} outside [0, 1]")
+    for field in ("edit_fraction", "edit_instruction_dropout"):
+        if not 0.0 <= d[field] <= 1.0:
+            _fail(field, f"{d[field]} outside [0, 1]")
+    if d.source in EDIT_SOURCES:
+        _validate_edits(config)
     if not 1 <= d.shapes_max_per_image <= 9:
         _fail("shapes_max_per_image", f"{d.shapes_max_per_image} outside [1, 9] (3x3 grid)")
     if config.train.batch_size <= 0:
         raise ConfigError("train.batch_size", f"must be positive, got {config.train.batch_size}")
     _validate_against_model(config)
+
+
+def _validate_edits(config) -> None:
+    """An edit document holds two images and never joins an interleaved one."""
+    d = config.data
+    if image_token_offset(config.model) is not None:
+        _fail("source", f"{d.source!r}: condition images are latents in image slots; the "
+                        "discrete (VQ token) baseline has none")
+    if d.multi_image_fraction:
+        _fail("multi_image_fraction", f"{d.source!r} documents are edits or single pairs: "
+                                      f"set it to 0, got {d.multi_image_fraction}")
+    if d.max_images_per_row < 2:
+        _fail("max_images_per_row", f"an edit document holds 2 images, got {d.max_images_per_row}")
+    if not 2 <= d.edit_max_shapes <= 9:
+        _fail("edit_max_shapes", f"{d.edit_max_shapes} outside [2, 9]")
+    if d.source == "edit_folder" and d.text_source == "captions":
+        _fail("text_source", "edit_folder records have instructions, not captions: use "
+                             "'none' or 'files'")
+    if d.source == "edit_folder":
+        import os
+        from data_pipelines.file_sources import EDITS_FILE
+        if not os.path.isfile(os.path.join(d.data_dir, EDITS_FILE)):
+            _fail("data_dir", f"{d.data_dir} has no {EDITS_FILE} (the edit_folder layout)")
 
 
 def _validate_folder(data_dir: str) -> None:

@@ -5,6 +5,10 @@ Image documents (one caption order drawn per image):
   image first (image_first_fraction):        BOS BOI <image> EOI caption EOS,
                                              t_max = diffusion.noise_limit_t (noise limiting)
   caption dropped (cfg_dropout, for CFG):    BOS BOI <image> EOI EOS, t_max = T-1
+Edit documents (EditRecord, data_pipelines/shapes_edit.py):
+  BOS BOI <input> EOI instruction BOI <output> EOI EOS: the input is a condition
+  image (t_max = tfusion.batch.CONDITION: clean, no diffusion loss), the output a
+  target with t_max = T-1; with edit_instruction_dropout the instruction is left out.
 Interleaved documents (multi_image_fraction) chain 2..max_images_per_document such
 pieces between one BOS and one EOS. Text documents are BOS text EOS.
 
@@ -22,13 +26,14 @@ import numpy as np
 
 from data_pipelines.encoders import resolve as resolve_encoder
 from data_pipelines.images import prepare_image
-from data_pipelines.records import (BadRecord, DocItem, ImageCaptionRecord, TextRecord,
-                                    clean_text, located)
+from data_pipelines.records import (BadRecord, DocItem, EditRecord, ImageCaptionRecord,
+                                    TextRecord, clean_text, located)
 from data_pipelines.tokenizer import Tokenizer
-from tfusion.batch import ImageSegment
+from tfusion.batch import CONDITION, ImageSegment
 from tfusion.config import image_token_offset
 
 _IMAGE_STREAM = 1  # rng stream id, so other streams can draw independently later
+_EDIT_STREAM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +50,7 @@ class DocumentOptions:
     seed: int
     image_token_offset: Optional[int] = None  # discrete baseline: token id of VQ code 0
     codebook_size: int = 0
+    edit_instruction_dropout: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> "DocumentOptions":
@@ -56,7 +62,8 @@ class DocumentOptions:
                    multi_image_fraction=d.multi_image_fraction,
                    max_images_per_document=d.max_images_per_document, seed=config.train.seed,
                    image_token_offset=image_token_offset(config.model),
-                   codebook_size=int(config.model.get("codebook_size", 0)))
+                   codebook_size=int(config.model.get("codebook_size", 0)),
+                   edit_instruction_dropout=d.get("edit_instruction_dropout", 0.0))
 
 
 class DocumentBuilder:
@@ -80,6 +87,8 @@ class DocumentBuilder:
     def image_document(self, index: int, record: ImageCaptionRecord, pool) -> DocItem:
         """Document `index` of an image stream; extra images of interleaved documents
         come from `pool` (the same stream, any index) at seeded random positions."""
+        if isinstance(record, EditRecord):
+            return self.edit_document(index, record)
         opt = self.opt
         rng = np.random.default_rng([opt.seed, _IMAGE_STREAM, index])
         records = [record]
@@ -114,6 +123,30 @@ class DocumentBuilder:
                 return _skipped(e, rec, repairs)
             pending = pending + before + [self.tok.boi_id] + codes + [self.tok.eoi_id] + after
         segments.append(np.asarray(pending + [self.tok.eos_id], np.int32))
+        return DocItem(document=segments, repairs=repairs)
+
+    def edit_document(self, index: int, record: EditRecord) -> DocItem:
+        """BOS BOI <input: condition> EOI instruction BOI <output> EOI EOS."""
+        opt, tok = self.opt, self.tok
+        try:
+            if record.error:
+                raise BadRecord(record.error, record.error_detail)
+            instruction, repairs = self._caption_ids(record.instruction)
+            latents = []
+            for image in (record.input, record.output):
+                pixels, fixes = prepare_image(image, opt.image_size)
+                latents.append(self.encode(pixels))
+                repairs += fixes
+        except BadRecord as e:
+            return _skipped(e, record)
+        rng = np.random.default_rng([opt.seed, _EDIT_STREAM, index])
+        if rng.random() < opt.edit_instruction_dropout:
+            instruction = []
+        segments = [np.asarray([tok.bos_id, tok.boi_id], np.int32),
+                    ImageSegment(latent=latents[0], t_max=CONDITION),
+                    np.asarray([tok.eoi_id] + instruction + [tok.boi_id], np.int32),
+                    ImageSegment(latent=latents[1], t_max=opt.full_t_max),
+                    np.asarray([tok.eoi_id, tok.eos_id], np.int32)]
         return DocItem(document=segments, repairs=repairs)
 
     def _code_tokens(self, codes) -> list[int]:

@@ -11,6 +11,11 @@ The image file (relative to data_dir) is read from the first of IMAGE_KEYS prese
 "path"; the caption from the first of CAPTION_KEYS present: "caption", "text".
 `folder_problem` checks the first PROBE_LINES lines at start-up, so a folder whose
 lines use other keys is refused before training rather than skipped record by record.
+
+Edit folder: `<data_dir>/edits.jsonl`, one JSON object per line,
+  {"input": "in/0.png", "instruction": "make the red circle blue", "output": "out/0.png"}
+(image files relative to data_dir), the layout of InstructPix2Pix-style editing sets
+once their images are written out as files.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Optional
 
 import grain
 
-from data_pipelines.records import ImageCaptionRecord, TextRecord
+from data_pipelines.records import EditRecord, ImageCaptionRecord, TextRecord
 
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_KEYS = ("file", "file_name", "image", "path")  # first present wins
@@ -125,6 +130,45 @@ def folder_problem(directory: str) -> str:
             return (f"{CAPTIONS_FILE} lines name the {role} under one of {_quoted(accepted)}; "
                     f"the first {read} lines have keys {keys}")
     return ""
+
+
+# --- edit folder ---
+
+EDITS_FILE = "edits.jsonl"
+EDIT_KEYS = ("input", "instruction", "output")
+
+
+def _read_bytes(directory: str, name) -> tuple[Optional[bytes], str]:
+    if not isinstance(name, str):
+        return None, f"image entry holds {type(name).__name__}, not a file name"
+    try:
+        with open(os.path.join(directory, name), "rb") as f:
+            return f.read(), ""
+    except OSError as e:
+        return None, f"{name}: {type(e).__name__}: {e.strerror}"
+
+
+def _edit_record(directory: str, number: int, line: bytes) -> EditRecord:
+    where = f"{EDITS_FILE} line {number}"
+    meta, problem = _json_object(line)
+    if meta is not None and not all(k in meta for k in EDIT_KEYS):
+        meta, problem = None, f"needs keys {_quoted(EDIT_KEYS)}; found {list(meta)}"
+    if meta is None:
+        return EditRecord(None, None, None, error="bad_metadata_line", error_detail=problem,
+                          origin=where)
+    images = [_read_bytes(directory, meta[k]) for k in ("input", "output")]
+    missing = "; ".join(why for data, why in images if data is None)
+    return EditRecord(images[0][0], meta["instruction"], images[1][0],
+                      error="missing_image_file" if missing else "", error_detail=missing,
+                      origin=where)
+
+
+def edit_folder_records(directory: str) -> grain.MapDataset:
+    path = os.path.join(directory, EDITS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (the edit_folder source reads {EDITS_FILE})")
+    return grain.MapDataset.source(_numbered_lines(path)).map(
+        lambda item: _edit_record(directory, *item))
 
 
 # --- ArrayRecord: record = u32 little-endian caption length, caption bytes, image bytes ---

@@ -54,6 +54,21 @@ class ImageCaptionRecord:
 
 
 @dataclasses.dataclass
+class EditRecord:
+    """An image edit: input image, instruction, output image (each image as
+    ImageCaptionRecord.image accepts it). Its document is
+    BOS BOI <input> EOI instruction BOI <output> EOI EOS, the input a condition image."""
+
+    input: Any
+    instruction: Any  # str or raw bytes
+    output: Any
+    kind: str = ""  # shapes_edit: the edit kind (EDIT_KINDS); "" for real data
+    error: str = ""
+    error_detail: str = ""
+    origin: str = ""
+
+
+@dataclasses.dataclass
 class TextRecord:
     text: Any  # str or raw bytes
     error: str = ""

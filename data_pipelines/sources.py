@@ -4,6 +4,11 @@
 gives TextRecords. Held-out data: file sources reserve their first
 `data.eval_examples` records for "eval"; the procedural shapes set draws eval
 scenes from another seed.
+
+`shapes_edit` (data_pipelines/shapes_edit.py) mixes EditRecords (a share of
+data.edit_fraction of the indices) into the shapes pairs, so a fine-tuning run keeps
+seeing what it already does; `edit_folder` reads a folder of real edits.
+`pair_source` is the image-caption part alone (what generation evaluation prompts from).
 """
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ import grain
 import numpy as np
 
 from data_pipelines.builtin_text import digit_caption
-from data_pipelines.file_sources import array_record_records, folder_records, text_file_records
+from data_pipelines.file_sources import (array_record_records, edit_folder_records,
+                                        folder_records, text_file_records)
 from data_pipelines.latents_source import records as latent_records
-from data_pipelines.records import ImageCaptionRecord, TextRecord
+from data_pipelines.records import EditRecord, ImageCaptionRecord, TextRecord
 from data_pipelines.shapes import make_scene, render_scene
+from data_pipelines.shapes_edit import make_edit
+
+SHAPES_WORLD = ("shapes", "shapes_edit")  # sources whose images the shapes detector reads
 
 SHAPES_SPLIT_SEEDS = {"train": 0, "eval": 1}
 
@@ -41,6 +50,27 @@ def _shapes(data, split: str) -> grain.MapDataset:
         n = data.eval_examples
     max_shapes, px = data.shapes_max_per_image, data.image_size
     return grain.MapDataset.range(n).map(lambda i: _shapes_record(i, seed, max_shapes, px))
+
+
+def edit_record(split: str, index: int, max_shapes: int, px: int) -> EditRecord:
+    edit = make_edit(split, index, max_shapes)
+    return EditRecord(render_scene(edit.source, px), edit.instruction,
+                      render_scene(edit.target, px), kind=edit.kind)
+
+
+def _shapes_edit(data, split: str) -> grain.MapDataset:
+    """Index i is an edit (edit i of the split) when a seeded draw falls below
+    data.edit_fraction, else the shapes pair i."""
+    pairs = _shapes(data, split)
+    fraction, max_shapes, px = data.edit_fraction, data.edit_max_shapes, data.image_size
+    seed = SHAPES_SPLIT_SEEDS[split]
+
+    def record(i: int):
+        if np.random.default_rng([seed, i, 0xED]).random() < fraction:
+            return edit_record(split, i, max_shapes, px)
+        return pairs[i]
+
+    return grain.MapDataset.range(len(pairs)).map(record)
 
 
 def _shapes_captions(data, split: str) -> grain.MapDataset:
@@ -97,6 +127,8 @@ IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
     "folder": _folder,
     "array_record": _array_record,
     "tfds": _tfds,
+    "shapes_edit": _shapes_edit,
+    "edit_folder": lambda data, split: _split(edit_folder_records(data.data_dir), data, split),
     # Latents (and captions) written by launch/encode_latents.py; data.encoder must be
     # "precomputed" and data.encoder_path the directory.
     "precomputed": lambda data, split: latent_records(data.encoder_path, split),
@@ -107,12 +139,19 @@ def image_source(data, split: str) -> grain.MapDataset:
     return IMAGE_SOURCES[data.source](data, split)
 
 
+def pair_source(data, split: str) -> grain.MapDataset:
+    """The source's image-caption pairs alone (shapes_edit: its shapes pairs)."""
+    if data.source == "shapes_edit":
+        return _shapes(data, split)
+    return image_source(data, split)
+
+
 def text_source(data, split: str) -> grain.MapDataset:
     if data.text_source == "files":
         return _split(text_file_records(data.text_files, data.text_jsonl_key),
                       data, split)
     if data.text_source == "captions":
-        if data.source == "shapes":
+        if data.source in SHAPES_WORLD:
             return _shapes_captions(data, split)
         # Captions of another permutation of the same split: reading a record for its
         # caption alone is cheap (images are decoded later, only for image documents).

@@ -89,6 +89,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                                     "shapes_tiny with 2 rows per step on caption -> image "
                                     "pairs only, for budgets of minutes (quality per "
                                     "CPU-minute)"),
+    "shapes_edit_tiny": Experiment(shapes.shapes_edit_tiny,
+                                   "image editing: a finished shapes_tiny run fine-tuned on "
+                                   "shapes_edit (train.init_from the README workdir)"),
     **_transfusion_entries(),
     **_chameleon_entries(),
     **_ablation_entries(),

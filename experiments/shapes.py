@@ -85,6 +85,27 @@ def shapes_tiny_quick():
     return c
 
 
+README_WORKDIR = "/tmp/tfusion_shapes_tiny"  # where the README job writes its run
+
+
+def shapes_edit_tiny():
+    """Image editing (the paper's section 4.4) by fine-tuning a finished shapes_tiny run
+    (the README job's workdir, train.init_from) on shapes_edit: documents
+    BOS BOI <input> EOI instruction BOI <output> EOI EOS with the input a clean
+    condition image, mixed with the shapes pairs the base trained on (data.edit_fraction
+    of the records are edits) so that generation and captioning are kept. Scored by
+    `launch.evaluate --suite=edit` on held-out scenes and instructions (docs/editing.md
+    has the measurements behind the choices)."""
+    c = shapes_tiny()
+    c.name = "shapes_edit_tiny"
+    c.data.update(source="shapes_edit", edit_fraction=0.5, edit_max_shapes=3,
+                  edit_instruction_dropout=0.1, multi_image_fraction=0.0)
+    c.train.update(init_from=README_WORKDIR, steps=1500, checkpoint_every=500,
+                   sample_every=0, eval_every=500, final_eval_suite="edit")
+    c.optimizer.update(learning_rate=1e-3, warmup_steps=50, final_learning_rate=1e-4)
+    return c
+
+
 def digits_tiny():
     """The same tiny model and recipe on scikit-learn's bundled handwritten digits (8x8
     grey, 1797 images, 256 held out; captions "a handwritten digit seven"): patch 2 gives

@@ -25,7 +25,13 @@ from launch import sampling_flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (config.json, checkpoints/).",
                                required=True)
-_SUITE = flags.DEFINE_enum("suite", "all", ["text", "shapes", "fid", "digits", "all"], "What to evaluate.")
+_SUITE = flags.DEFINE_enum("suite", "all", ["text", "shapes", "fid", "digits", "edit", "all"],
+                           "What to evaluate.")
+_EDIT_PROMPTS = flags.DEFINE_integer("edit_prompts", 100,
+                                     "edit: held-out edits scored (the kinds in turn).")
+_EDIT_GUIDANCE = flags.DEFINE_enum("edit_guidance", "instruction", ["instruction", "all", "none"],
+                                   "edit: what CFG contrasts the edit prompt with "
+                                   "(tfusion/inference/model_sampler.py EDIT_GUIDANCE).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
 _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
                             "ema: the run's EMA of the parameters (raw where it kept none).")
@@ -77,7 +83,8 @@ def main(argv) -> None:
         shapes_prompts=_SHAPES_PROMPTS.value, fid_samples=_FID_SAMPLES.value,
         sampling=SamplingSettings(batch_size=_BATCH_SIZE.value, steps=_SAMPLE_STEPS.value,
                                   cfg_scale=cfg_scale, seed=_SEED.value),
-        fid_features=_FID_FEATURES.value, progress=not _NO_PROGRESS.value)
+        fid_features=_FID_FEATURES.value, progress=not _NO_PROGRESS.value,
+        edit_prompts=_EDIT_PROMPTS.value, edit_guidance=_EDIT_GUIDANCE.value)
     try:
         config = load_config(_WORKDIR.value, _current_defaults())
         override_attention_kernel(config, _ATTENTION_KERNEL.value)

@@ -7,7 +7,10 @@
 
 Without --image the prompt is `BOS prompt BOI`: an image first, then text until EOS
 or --max_new_tokens. With --image it is `BOS BOI image EOI prompt`: text about the
-image (a caption when --prompt is empty). Writes OUT_DIR/sample_<i>_image_<j>.png
+image (a caption when --prompt is empty). With --image and --edit it is
+`BOS BOI image EOI prompt BOI`: the image edited as the prompt instructs (a run
+fine-tuned on edits, e.g. shapes_edit_tiny; docs/editing.md), guided on the
+instruction alone by default (--edit_guidance). Writes OUT_DIR/sample_<i>_image_<j>.png
 and OUT_DIR/sample_<i>.txt (the interleaved output, images as <image: file>).
 A missing run, checkpoint, tokenizer or unreadable --image exits with one
 `error: ...` line on stderr.
@@ -36,6 +39,12 @@ _MODE = flags.DEFINE_enum("mode", "image", ["image", "text"],
                           "image: the prompt is a caption and an image follows (BOS caption "
                           "BOI), or with --image the image then the text; text: BOS prompt, "
                           "continued as text (an LM's greedy continuation with --temperature=0).")
+_EDIT = flags.DEFINE_bool("edit", False, "With --image: edit the image as --prompt says "
+                         "(BOS BOI image EOI prompt BOI); writes the edited image.")
+_EDIT_GUIDANCE = flags.DEFINE_enum(
+    "edit_guidance", "instruction", ["instruction", "all", "none"],
+    "--edit: CFG against the image without the instruction (instruction), against a bare "
+    "BOS BOI (all), or off (none).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.")
 _PARAMS = flags.DEFINE_enum("params", "ema", ["ema", "raw"],
                             "ema: the run's EMA of the parameters (raw where it kept none).")
@@ -59,19 +68,12 @@ class ImageInputError(ValueError):
     """--image is missing or not a decodable image."""
 
 
-def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str = "image"
-                 ) -> list:
-    import numpy as np
-
+def read_image_latent(config, image_path: str):
+    """--image as the run's latent (its data.image_size, through its encoder)."""
     from data_pipelines import encoders
     from data_pipelines.images import prepare_image
     from data_pipelines.records import BadRecord
-    from tfusion.inference.model_sampler import text_to_image_prompt
 
-    if mode == "text" and image_path is None:
-        return [np.asarray([tokenizer.bos_id] + tokenizer.encode(text), np.int32)]
-    if image_path is None:
-        return text_to_image_prompt(tokenizer, text)
     try:
         with open(image_path, "rb") as f:
             pixels, _ = prepare_image(f.read(), config.data.image_size)
@@ -80,8 +82,26 @@ def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str
     except BadRecord as e:
         raise ImageInputError(f"--image {image_path}: {e}") from e
     encoder = encoders.resolve(config.data.encoder, config.data.get("encoder_path", ""))
+    return encoder.encode(pixels)
+
+
+def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str = "image",
+                 edit: bool = False) -> list:
+    import numpy as np
+
+    from tfusion.inference.model_sampler import edit_prompt, text_to_image_prompt
+
+    if edit and image_path is None:
+        raise ImageInputError("--edit needs --image (the image to edit)")
+    if mode == "text" and image_path is None:
+        return [np.asarray([tokenizer.bos_id] + tokenizer.encode(text), np.int32)]
+    if image_path is None:
+        return text_to_image_prompt(tokenizer, text)
+    latent = read_image_latent(config, image_path)
+    if edit:
+        return edit_prompt(tokenizer, latent, text)
     s = tokenizer
-    return [np.asarray([s.bos_id, s.boi_id], np.int32), encoder.encode(pixels),
+    return [np.asarray([s.bos_id, s.boi_id], np.int32), latent,
             np.asarray([s.eoi_id] + tokenizer.encode(text), np.int32)]
 
 
@@ -134,7 +154,7 @@ def main(argv) -> None:
                                           override_attention_kernel)
     from tfusion.inference.generate import generate
     from tfusion.inference.options import GenerationOptions, SpecialTokens
-    from tfusion.inference.model_sampler import clip_for, sharded_engine
+    from tfusion.inference.model_sampler import clip_for, edit_prompt, sharded_engine
 
     try:
         config = load_config(_WORKDIR.value)
@@ -143,17 +163,25 @@ def main(argv) -> None:
         model, config, step = load_model(_WORKDIR.value, _STEP.value, config,
                                          params=_PARAMS.value)
         tokenizer = build_tokenizer(config)
-        prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value, _MODE.value)
+        prompt = build_prompt(tokenizer, config, _PROMPT.value, _IMAGE.value, _MODE.value,
+                              edit=_EDIT.value)
     except (RunNotFoundError, ConfigError, ImageInputError) as e:
         sys.exit(f"error: {e}")  # the user's input is wrong: one line, no traceback
-    overrides = dict(max_new_tokens=_MAX_NEW_TOKENS.value, max_images=_MAX_IMAGES.value,
+    edit = _EDIT.value
+    overrides = dict(max_new_tokens=0 if edit else _MAX_NEW_TOKENS.value,
+                     max_images=0 if edit else _MAX_IMAGES.value,
                      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                      clip_denoised=clip_for(config))
     if _CFG_SCALE.value is not None:
         overrides["cfg_scale"] = _CFG_SCALE.value or None
     if _STEPS.value is not None:
         overrides["steps"] = _STEPS.value
+    if edit and _EDIT_GUIDANCE.value == "none":
+        overrides["cfg_scale"] = None
     options = GenerationOptions.from_config(config, **overrides)
+    twin = None  # --edit guided on the instruction: the image without it (model_sampler)
+    if edit and _EDIT_GUIDANCE.value == "instruction" and options.cfg_scale is not None:
+        twin = edit_prompt(tokenizer, prompt[1], None)
     engine = sharded_engine(model, config)
     primary = jax.process_index() == 0
     special = SpecialTokens.from_tokenizer(tokenizer)
@@ -166,7 +194,8 @@ def main(argv) -> None:
         count = min(size, n - start)
         seeds = [_SEED.value + start + i for i in range(count)]
         outs = generate(engine, [prompt] * count, special, options, seeds,
-                        progress=progress if primary else None)
+                        progress=progress if primary else None,
+                        uncond_prompts=None if twin is None else [twin] * count)
         if not primary:
             continue
         for path in write_outputs(_OUT.value, start, outs, tokenizer, config):

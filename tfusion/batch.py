@@ -10,7 +10,9 @@ M = image slots per row, P = patches per image, latent H x W x C.
   images       f32 [B, M, H, W, C]  clean latents; zeros in empty slots
   image_mask   bool [B, M]    slot holds an image
   image_start  int32 [B, M]   sequence index of the slot's first patch
-  image_t_max  int32 [B, M]   largest diffusion step allowed (noise limiting)
+  image_t_max  int32 [B, M]   largest diffusion step allowed (noise limiting);
+                              CONDITION (-1): a condition image, seen clean (t = 0
+                              as the model's time input), no diffusion loss
 
 `validate_batch` checks every invariant; `assemble_rows` is the one place that
 turns documents (lists of text and image segments) into these arrays, used by the
@@ -22,6 +24,10 @@ import dataclasses
 from typing import Mapping, Sequence, Union
 
 import numpy as np
+
+# image_t_max of a condition image (editing input, image in a prompt): never noised,
+# never a diffusion target, attended like any image.
+CONDITION = -1
 
 TEXT_KEYS = ("tokens", "segment_ids", "positions", "image_index")
 IMAGE_KEYS = ("images", "image_mask", "image_start", "image_t_max")
@@ -119,8 +125,9 @@ def _validate_row(b, r: int, spec: BatchSpec, p: int, pad_id: int) -> None:
             raise BatchContractError(f"image_index: row {r} slot {m} patch numbers out of order")
         if len(np.unique(seg[at])) != 1 or seg[start] == 0:
             raise BatchContractError(f"segment_ids: row {r} image {m} crosses documents or padding")
-        if b["image_t_max"][r, m] < 0:
-            raise BatchContractError(f"image_t_max: row {r} slot {m} is negative")
+        if b["image_t_max"][r, m] < CONDITION:
+            raise BatchContractError(f"image_t_max: row {r} slot {m} is below {CONDITION} "
+                                     "(the condition marker)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +135,11 @@ class ImageSegment:
     """One image inside a document: its clean latent and its noise limit."""
 
     latent: np.ndarray  # float32 [H, W, C]
-    t_max: int
+    t_max: int  # CONDITION: a clean condition image without diffusion loss
+
+    @property
+    def is_condition(self) -> bool:
+        return self.t_max == CONDITION
 
 
 # A document is a list of segments: int token arrays (BOS/BOI/EOI/EOS included by

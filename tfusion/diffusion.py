@@ -219,11 +219,22 @@ class NoiseProcess:
         return NoiseDraw(noisy, self.model_time(times), target, self.loss_weight(a, s))
 
     def draw(self, rng, images, t_max) -> NoiseDraw:
-        """Draws a time and the noise per image slot: images [B, M, H, W, C], t_max [B, M]."""
+        """Draws a time and the noise per image slot: images [B, M, H, W, C], t_max [B, M].
+
+        Condition slots (t_max < 0, tfusion.batch.CONDITION) stay clean with model time
+        0, what generation's cache holds for an image in a prompt; their loss weight is
+        0 (the loss also leaves them out of its count: losses.diffusion_targets)."""
         t_rng, n_rng = jax.random.split(rng)
-        times = self.times_from_unit(self._unit_draw(t_rng, t_max.shape), t_max)
+        condition = t_max < 0
+        times = self.times_from_unit(self._unit_draw(t_rng, t_max.shape),
+                                     jnp.maximum(t_max, 0))
         noise = jax.random.normal(n_rng, images.shape, jnp.float32)
-        return self.at(images, times, noise)
+        draw = self.at(images, times, noise)
+        return NoiseDraw(noisy=jnp.where(broadcast_to_latents(condition, images), images,
+                                         draw.noisy),
+                         model_t=jnp.where(condition, 0.0, draw.model_t),
+                         target=draw.target,
+                         weight=jnp.where(condition, 0.0, draw.weight))
 
     def x0_eps(self, pred, x_t, times):
         """(x0, eps) from the model output at x_t of the given times [B, M]."""

@@ -50,9 +50,15 @@ def text_only_weights(weights: jax.Array, tokens: jax.Array, image_token_offset:
     return weights * (is_text & nxt_text).astype(weights.dtype)
 
 
+def diffusion_targets(batch) -> jax.Array:
+    """bool [B, M]: slots whose image is diffused and trained (present, not a condition
+    image: tfusion.batch.CONDITION)."""
+    return batch["image_mask"] & (batch["image_t_max"] >= 0)
+
+
 def diffusion_loss_sums(pred: jax.Array, target: jax.Array, image_mask: jax.Array,
                         weight: jax.Array | None = None):
-    """Sum over real images of each image's (weighted) mean squared error of the model's
+    """Sum over target images (image_mask: diffusion_targets) of each image's (weighted) mean squared error of the model's
     output against its target (epsilon, v or x0: diffusion.target_of), and the count."""
     per_image = jnp.mean(jnp.square(pred - target), axis=(-3, -2, -1))
     if weight is not None:  # per-image loss weighting (min-SNR); the count stays unweighted
@@ -83,8 +89,8 @@ def transfusion_sums(logits, image_pred, image_target, batch, z_loss_weight: flo
     weights = lm_target_weights(batch["segment_ids"], batch["image_index"])
     nll, log_z = next_token_nll(logits, tokens)
     lm_sum, lm_count = lm_loss_sums(nll, log_z, weights, z_loss_weight)
-    ddpm_sum, ddpm_count = diffusion_loss_sums(image_pred, image_target, batch["image_mask"],
-                                               image_weight)
+    ddpm_sum, ddpm_count = diffusion_loss_sums(image_pred, image_target,
+                                               diffusion_targets(batch), image_weight)
     text = weights
     split = {}
     if image_token_offset is not None:

@@ -61,3 +61,27 @@ def test_text_stops_at_eos_and_max_tokens(engine):
                                                        temperature=0.0), seeds=[0])[0]
     assert len(out.images) == 0 and len(out.tokens) == 5
     assert not np.isin(out.tokens, [SPECIAL.pad, SPECIAL.bos, SPECIAL.boi, SPECIAL.eoi]).any()
+
+
+def test_uncond_prompts_bare_bos_boi_equals_default_twin(engine):
+    """A twin prefilled with `BOS BOI` is what the default twin writes at its image: the
+    same image, batched with a row whose twin prompt differs (an image and words)."""
+    opts = _opts(max_new_tokens=0, max_images=0, temperature=0.0)
+    prompt = [np.asarray([1, 9, 10, 11, 3])]
+    default = generate(engine, [prompt], SPECIAL, opts, seeds=[3])[0]
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=engine.latent_shape).astype(np.float32)
+    other_twin = [np.asarray([1, 3]), image, np.asarray([4, 3])]
+    twins = [[np.asarray([SPECIAL.bos, SPECIAL.boi])], other_twin]
+    both = generate(engine, [prompt, prompt], SPECIAL, opts, seeds=[3, 3], uncond_prompts=twins)
+    _assert_same(both[0], default)
+    assert np.abs(both[1].images[0] - default.images[0]).max() > 1e-3  # its twin is read
+    plain = generate(engine, [prompt], SPECIAL, _opts(max_new_tokens=0, max_images=0,
+                                                      temperature=0.0, cfg_scale=1.0),
+                     seeds=[3], uncond_prompts=[other_twin])[0]
+    unguided = generate(engine, [prompt], SPECIAL, _opts(max_new_tokens=0, max_images=0,
+                                                         temperature=0.0, cfg_scale=None),
+                        seeds=[3])[0]
+    np.testing.assert_allclose(plain.images[0], unguided.images[0], atol=1e-5)
+    with pytest.raises(ValueError, match="end in BOI"):
+        generate(engine, [prompt], SPECIAL, opts, seeds=[3], uncond_prompts=[[np.asarray([1])]])

@@ -110,8 +110,14 @@ class HeldoutEvaluator:
         """Sums of one forward pass with `images` in the slots at `times` [B, M];
         `clean`: the images as given at model time 0 (how inference reads an image)."""
         draw = self.process.at(images, times, noise)
-        if clean:
-            draw = dataclasses.replace(draw, noisy=images, model_t=jnp.zeros_like(draw.model_t))
+        # Condition images (tfusion.batch.CONDITION) are read clean in every pass, as in
+        # training; `clean` reads all images so.
+        clean_slots = (batch["image_t_max"] < 0) | clean
+        draw = dataclasses.replace(
+            draw, noisy=jnp.where(diffusion.broadcast_to_latents(clean_slots, images), images,
+                                  draw.noisy),
+            model_t=jnp.where(clean_slots, 0.0, draw.model_t))
+        targets = losses.diffusion_targets(batch)
         with sharding.activation_sharding(self.mesh, self.table or {}):
             logits, pred = self.model_fn(params, batch, draw.noisy, draw.model_t)
         sums = losses.transfusion_sums(logits, pred, draw.target, batch,
@@ -120,19 +126,18 @@ class HeldoutEvaluator:
         if self.clip is not None:
             x0_hat = jnp.clip(x0_hat, -self.clip, self.clip)
         x0_err = jnp.mean(jnp.square(x0_hat - images), axis=(-3, -2, -1))
-        conditioned = image_after_caption(batch["positions"], batch["image_start"],
-                                          batch["image_mask"])
+        conditioned = image_after_caption(batch["positions"], batch["image_start"], targets)
         nll, _ = losses.next_token_nll(logits, batch["tokens"])
         after = losses.lm_target_weights(batch["segment_ids"], batch["image_index"]) \
             * text_after_image(batch["segment_ids"], batch["image_index"])
-        return dict(sums, x0_sum=jnp.sum(x0_err * batch["image_mask"]), x0_err=x0_err,
+        return dict(sums, x0_sum=jnp.sum(x0_err * targets), x0_err=x0_err,
                     conditioned=conditioned,
                     after_nll_sum=jnp.sum(nll * after), after_count=jnp.sum(after))
 
     @staticmethod
     def _data_sums(batch):
         """Sums for the data-mean predictor: sum of images, of their mean squares, count."""
-        real = batch["image_mask"].astype(jnp.float32)
+        real = losses.diffusion_targets(batch).astype(jnp.float32)
         return dict(sum_x=jnp.einsum("bm,bm...->...", real, batch["images"]),
                     sum_sq=jnp.sum(jnp.mean(jnp.square(batch["images"]), axis=(-3, -2, -1))
                                    * real),

@@ -14,7 +14,7 @@ import numpy as np
 
 from data_pipelines.images import prepare_image
 from data_pipelines.records import BadRecord, clean_text
-from data_pipelines.sources import image_source
+from data_pipelines.sources import pair_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Reference:
 
 def heldout_references(config, count: int, split: str = "eval") -> list[Reference]:
     """The first `count` usable records of the split (unreadable ones are skipped)."""
-    records = image_source(config.data, split)
+    records = pair_source(config.data, split)
     out = []
     for index in range(len(records)):
         if len(out) == count:

@@ -7,6 +7,10 @@
           truth) and CIDEr; samples grids
   fid     FID of generated vs. held-out real images (shapes feature net by
           default; any feature_fn for other data, e.g. Inception)
+  edit    `shapes_edit` only: held-out (scene, instruction) edits, the detector reads
+          each edited image against the target scene (eval/edit_scoring.py): exact,
+          edited, preserved, per kind; references (target, input, another scene)
+          scored alike; a grid of input | output | target
   digits  `digits` only: a classifier trained on the real training digits reads the
           images generated for "a handwritten digit <d>"; accuracy = read as prompted
   all     every suite that applies to the data
@@ -33,9 +37,13 @@ from flax import nnx
 
 from data_pipelines.builtin_text import digit_caption
 from data_pipelines.pipeline import make_eval_iterator
+from data_pipelines.shapes import render_scene
+from data_pipelines.shapes_edit import make_edit
+from data_pipelines.sources import SHAPES_WORLD
 from data_pipelines.tokenizer import build_tokenizer
 from tfusion.eval import fid as fid_lib
 from tfusion.eval.cider import cider_d
+from tfusion.eval.edit_scoring import aggregate_edits, score_edit
 from tfusion.eval.heldout import heldout_metrics
 from tfusion.eval.references import heldout_references
 from tfusion.eval.shapes_detector import detect_batch
@@ -43,7 +51,7 @@ from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_i
 from tfusion.inference.model_sampler import ModelSampler, SamplingSettings, write_grid
 
 _log = logging.getLogger(__name__)
-SUITES = ("text", "shapes", "fid", "digits")
+SUITES = ("text", "shapes", "fid", "digits", "edit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,8 @@ class EvalOptions:
     grid_images: int = 32  # images shown per samples grid
     digits_per_class: int = 10  # digits: images generated per digit 0..9
     progress: bool = True  # tqdm bars (generation, held-out batches)
+    edit_prompts: int = 100  # edit: held-out edits (kinds in turn: 20 of each kind)
+    edit_guidance: str = "instruction"  # edit: model_sampler.EDIT_GUIDANCE
 
 
 class _Context:
@@ -91,7 +101,7 @@ class _Context:
 
     def feature_fn(self):
         if self._feature_fn is None:
-            if self.config.data.source != "shapes":
+            if self.config.data.source not in SHAPES_WORLD:
                 raise ValueError("fid: pass feature_fn (e.g. Inception) for data.source="
                                  f"{self.config.data.source!r}; see docs/evaluation.md")
             from tfusion.eval.fid_features import shapes_feature_fn
@@ -124,8 +134,8 @@ def _claims(detections) -> list:
 
 
 def shapes_suite(ctx: _Context) -> dict:
-    if ctx.config.data.source != "shapes":
-        raise ValueError(f"the shapes suite needs data.source='shapes', not "
+    if ctx.config.data.source not in SHAPES_WORLD:
+        raise ValueError(f"the shapes suite needs data.source in {SHAPES_WORLD}, not "
                          f"{ctx.config.data.source!r}")
     refs = ctx.references(ctx.options.shapes_prompts)
     stated = [[Claim.from_spec(a) for a in r.attributes] for r in refs]
@@ -160,6 +170,39 @@ def shapes_suite(ctx: _Context) -> dict:
             [1.0 / len(d.shapes) for found in real_found for d in found])),
         "samples": {"caption_examples": [{"reference": r.caption, "generated": c}
                                          for r, c in zip(refs[:8], captions[:8])]},
+    }
+
+
+def edit_suite(ctx: _Context) -> dict:
+    d = ctx.config.data
+    if d.source != "shapes_edit":
+        raise ValueError(f"the edit suite needs data.source='shapes_edit', not {d.source!r}")
+    edits = [make_edit("eval", i, d.edit_max_shapes) for i in range(ctx.options.edit_prompts)]
+    to_pixels = lambda scenes: np.stack([render_scene(x, d.image_size) for x in scenes]
+                                        ).astype(np.float32) / 127.5 - 1.0
+    inputs, targets = to_pixels([e.source for e in edits]), to_pixels([e.target for e in edits])
+    outputs = np.asarray(ctx.sampler.edits(inputs, [e.instruction for e in edits],
+                                           ctx.options.edit_guidance), np.float32)
+
+    def scored(images):
+        return aggregate_edits(edits, [score_edit(e, _claims(found)) for e, found in
+                                       zip(edits, detect_batch(images))])
+
+    shown = min(ctx.options.grid_images, len(edits))
+    triples = np.stack([inputs[:shown], outputs[:shown], targets[:shown]], axis=1)
+    texts = [[e.instruction, "output", "target"] for e in edits[:shown]]
+    write_grid_file(ctx.path("edit_grid"), triples.reshape((-1,) + inputs.shape[1:]),
+                    [t for row in texts for t in row], columns=6)
+    return {
+        "scores": scored(outputs),
+        "guidance": ctx.options.edit_guidance,
+        # References through the same detector and scorer: the target rendered (a
+        # perfect editor), the input unchanged, and another held-out edit's target.
+        "perfect_editor": scored(targets)["all"],
+        "identity_editor": scored(inputs)["all"],
+        "other_scene": scored(np.roll(targets, 1, axis=0))["all"],
+        "examples": [{"instruction": e.instruction, "input": e.source.caption(),
+                      "target": e.target.caption()} for e in edits[:8]],
     }
 
 
@@ -233,16 +276,19 @@ def digits_suite(ctx: _Context) -> dict:
 
 
 SUITE_FNS: dict[str, Callable[[_Context], dict]] = {
-    "text": text_suite, "shapes": shapes_suite, "fid": fid_suite, "digits": digits_suite}
+    "text": text_suite, "shapes": shapes_suite, "fid": fid_suite, "digits": digits_suite,
+    "edit": edit_suite}
 
 
 def suites_for(name: str, config) -> tuple[str, ...]:
     if name == "all":
         applicable = ["text"]
-        if config.data.source in ("shapes", "digits"):
-            applicable.append(config.data.source)
-        if config.data.source == "shapes":  # other data: pass a feature_fn, suite "fid"
+        if config.data.source in SHAPES_WORLD + ("digits",):
+            applicable.append("digits" if config.data.source == "digits" else "shapes")
+        if config.data.source in SHAPES_WORLD:  # other data: pass a feature_fn, suite "fid"
             applicable.append("fid")
+        if config.data.source == "shapes_edit":
+            applicable.append("edit")
         return tuple(applicable)
     if name not in SUITE_FNS:
         raise ValueError(f"unknown suite {name!r}; choose from {SUITES + ('all',)}")

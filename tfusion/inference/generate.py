@@ -16,7 +16,10 @@ With CFG (options.cfg_scale not None) every row r has a twin r + B: the
 unconditional stream. It writes nothing during text; at each image it starts a
 fresh document `BOS BOI` at its own frontier (what caption dropout trains on) and
 denoises the same x; the guided epsilon drives both (the discrete baseline: the
-guided logits pick each code, fed to both).
+guided logits pick each code, fed to both). Given `uncond_prompts` (ending in BOI),
+a twin is prefilled with its own prompt instead, and its first image continues that
+prompt: e.g. editing guides on the instruction alone with the twin
+`BOS BOI <input> EOI BOI` against the row's `BOS BOI <input> EOI instruction BOI`.
 """
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ class _Rows:
         self.n_sampled = np.zeros(batch, np.int32)  # tokens taken (max_new_tokens)
         self.images = np.zeros(rows, np.int32)  # images so far (key counters)
         self.image_limit = np.concatenate([image_limit] * (rows // batch))
+        # Twins whose own prompt ends in BOI: their next image continues it.
+        self.twin_open = np.zeros(rows, bool)
         self.sampled = np.zeros(batch, np.int32)
         self.last_fed = np.asarray(last_tokens, np.int32)
         self.needs_image = np.zeros(batch, bool)
@@ -111,14 +116,16 @@ def default_max_len(prompt_len: int, options: GenerationOptions, p: int,
 
 
 def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
-             options: GenerationOptions, seeds: Sequence[int], progress=None
-             ) -> list[Generation]:
+             options: GenerationOptions, seeds: Sequence[int], progress=None,
+             uncond_prompts: Sequence | None = None) -> list[Generation]:
     """Continues each prompt (a document: token arrays and clean latents).
 
     A prompt ending in BOI starts with an image; one ending in an image gets EOI
     appended. `seeds` (one per prompt) make every row reproducible on its own,
     whatever it is batched with. `progress(num_steps)` may return a tqdm-like bar
-    updated once per diffusion step.
+    updated once per diffusion step. `uncond_prompts` (one per prompt, each ending in
+    BOI, with CFG only): what each row's first image is guided against, instead of
+    a bare `BOS BOI`.
     """
     engine.check_sampler(options.sampler, options.spacing)
     docs = [as_document(p) for p in prompts]
@@ -131,11 +138,22 @@ def generate(engine: Engine, prompts: Sequence, special: SpecialTokens,
     b, p = len(docs), engine.image_columns
     ends_boi = np.asarray([int(d[-1][-1]) == special.boi for d in docs])
     guided = options.cfg_scale is not None and (options.max_images > 0 or ends_boi.any())
-    lay = layout_prompts(docs, engine.latent_shape, engine.cfg.patch_size, special.pad)
+    twins = []
+    if uncond_prompts is not None:
+        twins = [as_document(u) for u in uncond_prompts]
+        if not guided or len(twins) != b or engine.discrete:
+            raise ValueError("uncond_prompts: one per prompt, with CFG (cfg_scale) and "
+                             "continuous images")
+        if not all(isinstance(u[-1], np.ndarray) and int(u[-1][-1]) == special.boi
+                   for u in twins):
+            raise ValueError("uncond_prompts must each end in BOI")
+    lay = layout_prompts(docs + twins, engine.latent_shape, engine.cfg.patch_size, special.pad)
     max_len = options.max_len or default_max_len(
         lay["tokens"].shape[1], options, p, int(ends_boi.sum()))
-    last_tokens = lay["tokens"][np.arange(b), lay["lengths"] - 1]
-    rows = _Rows(b, guided, lay["lengths"], last_tokens, options.max_images + ends_boi, p)
+    last_tokens = lay["tokens"][np.arange(b), lay["lengths"][:b] - 1]
+    rows = _Rows(b, guided, lay["lengths"][:b], last_tokens, options.max_images + ends_boi, p)
+    if twins:
+        rows.pos[b:], rows.seg[b:], rows.twin_open[b:] = lay["lengths"][b:], 1, True
     keys = engine.keys(list(seeds) * (2 if guided else 1))
     run = _Loop(engine, special, options, rows, keys, max_len)
     run.prefill(lay)
@@ -202,7 +220,7 @@ class _Loop:
 
     def prefill(self, lay):
         r = self.rows
-        pad_rows = self.n - r.b  # the unconditional twins write nothing yet
+        pad_rows = self.n - len(lay["lengths"])  # twins without a prompt write nothing yet
         extend = lambda a, v: np.concatenate([a, np.full((pad_rows,) + a.shape[1:], v, a.dtype)])
         block = CacheColumns(*(extend(lay[k], v) for k, v in
                                (("positions", 0), ("segment_ids", 0), ("slot", -1))))
@@ -287,8 +305,10 @@ class _Loop:
         if not live.any():
             return
         both = r.twin(live)
-        if r.guided:  # fresh unconditional document per image, at the twin's frontier
-            uncond = both & (np.arange(self.n) >= r.b)
+        # A fresh unconditional document per image at the twin's frontier (not for a
+        # twin whose own prompt is open: its image continues it).
+        uncond = both & (np.arange(self.n) >= r.b) & ~r.twin_open
+        if r.guided and uncond.any():
             r.seg[uncond] += 1
             r.pos[uncond] = 0
             tokens = np.full((self.n, 2), self.special.pad, np.int32)
@@ -306,6 +326,7 @@ class _Loop:
             r.sampled[i] = self.special.eoi  # fed next; EOI is appended, not sampled
             r.text[i].append(self.special.eoi)
         r.images[both] += 1
+        r.twin_open[both] = False
 
     def _denoised_image(self, both: np.ndarray, progress) -> np.ndarray:
         """Transfusion: K diffusion steps of P patches, then the clean image is written

@@ -3,6 +3,9 @@
   ModelSampler.images(captions)  [BOS caption BOI] -> one image each (CFG as configured),
                                  as pixels in [-1, 1] through the image codec's decoder;
   ModelSampler.captions(pixels)  [BOS BOI image EOI] -> greedy text until EOS, decoded;
+  ModelSampler.edits(pixels, instructions)
+                                 [BOS BOI image EOI instruction BOI] -> the edited image,
+                                 guided on the instruction (EDIT_GUIDANCE);
   write_sample_grid              what the trainer writes every train.sample_every steps;
   sharded_engine                 the inference Engine on the mesh the params lie on.
 
@@ -34,6 +37,12 @@ from tfusion.inference.options import GenerationOptions, SpecialTokens
 from tfusion.sharding import mesh_rules
 
 ImagesFn = Callable[[Sequence[str]], np.ndarray]
+# What an edit's CFG contrasts the prompt with (docs/editing.md):
+#   "instruction"  the same input image without the instruction, BOS BOI <input> EOI
+#                  BOI (InstructPix2Pix's text term; trained by edit_instruction_dropout);
+#   "all"          a bare BOS BOI (no image, no instruction: what caption dropout trains);
+#   "none"         no guidance.
+EDIT_GUIDANCE = ("instruction", "all", "none")
 CaptionsFn = Callable[[np.ndarray], list]
 
 
@@ -111,6 +120,31 @@ class ModelSampler:
                 out.append(self.tokenizer.decode(g.tokens.tolist()))
         return out
 
+    def edits(self, pixels: np.ndarray, instructions: Sequence[str],
+              guidance: str = "instruction") -> np.ndarray:
+        """The input images [N, H, W, 3] in [-1, 1] edited as instructed, as pixels."""
+        if guidance not in EDIT_GUIDANCE:
+            raise ValueError(f"unknown edit guidance {guidance!r}; choose from {EDIT_GUIDANCE}")
+        if len(pixels) != len(instructions):
+            raise ValueError(f"{len(pixels)} images but {len(instructions)} instructions")
+        s = self.special
+        encode = _encoder(self.config).encode
+        inputs = [encode(p) for p in pixels]
+        prompts = [edit_prompt(self.tokenizer, x, text) for x, text in zip(inputs, instructions)]
+        twins = [edit_prompt(self.tokenizer, x, None) for x in inputs]
+        options = self.image_options
+        if guidance == "none":
+            options = dataclasses.replace(options, cfg_scale=None)
+        latents = []
+        for start, stop in self._progress(_batches(len(prompts), self.settings.batch_size),
+                                          len(prompts), "editing images"):
+            uncond = twins[start:stop] if guidance == "instruction" else None
+            seeds = [self.settings.seed + start + i for i in range(stop - start)]
+            for g in generate(self.engine, prompts[start:stop], s, options, seeds,
+                              uncond_prompts=uncond):
+                latents.append(g.images[0])
+        return latents_to_pixels(np.stack(latents), self.config)
+
     def _progress(self, iterable, total: int, desc: str):
         if self.progress is None:
             return iterable
@@ -153,6 +187,15 @@ def clip_for(config) -> float | None:
 def text_to_image_prompt(tokenizer, caption: str) -> list:
     special = SpecialTokens.from_tokenizer(tokenizer)
     return [np.asarray([special.bos] + tokenizer.encode(caption) + [special.boi], np.int32)]
+
+
+def edit_prompt(tokenizer, latent: np.ndarray, instruction: str | None) -> list:
+    """BOS BOI <latent> EOI instruction BOI (no instruction: BOS BOI <latent> EOI BOI),
+    the edit document's prefix (data_pipelines/documents.py)."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    words = tokenizer.encode(instruction) if instruction is not None else []
+    return [np.asarray([special.bos, special.boi], np.int32), np.asarray(latent, np.float32),
+            np.asarray([special.eoi] + words + [special.boi], np.int32)]
 
 
 def write_sample_grid(model_or_params, config, tokenizer, prompts: Sequence[str],

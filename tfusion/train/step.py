@@ -71,7 +71,7 @@ def global_counts(batch: dict) -> dict:
     """Denominators of the global-batch loss; they do not depend on the params."""
     weights = losses.lm_target_weights(batch["segment_ids"], batch["image_index"])
     return dict(lm_count=jnp.sum(weights),
-                ddpm_count=jnp.sum(batch["image_mask"].astype(jnp.float32)))
+                ddpm_count=jnp.sum(losses.diffusion_targets(batch).astype(jnp.float32)))
 
 
 def split_microbatches(tree, num: int, mesh: Mesh | None, table):

@@ -11,6 +11,13 @@ from tfusion.train.optimizer import PARAM_GROUPS
 from tfusion.train.warm_start import validate_init_from
 
 
+# The data each evaluation suite can score (tfusion/eval/suites.py; "text" and "all"
+# take any data; "fid" on other data needs a feature_fn, which a config cannot name).
+SUITE_SOURCES = {"text": None, "shapes": ("shapes", "shapes_edit"),
+                 "fid": ("shapes", "shapes_edit"), "digits": ("digits",),
+                 "edit": ("shapes_edit",)}
+
+
 def validate_train_config(config) -> None:
     t = config.train
     for field in ("steps", "batch_size", "grad_accum_steps", "log_every", "keep_checkpoints",
@@ -24,10 +31,17 @@ def validate_train_config(config) -> None:
         raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
                                                     f"batch_size={t.batch_size}")
     suite = t.get("final_eval_suite", "")
-    if suite and suite not in ("text", "shapes", "fid", "digits", "all"):
+    if suite and suite not in SUITE_SOURCES and suite != "all":
         raise ConfigError("train.final_eval_suite", f"unknown {suite!r}; choose from "
-                                                    "('', 'text', 'shapes', 'fid', 'digits', 'all')")
-    needs_pixels = t.sample_every or suite in ("shapes", "fid", "digits", "all")
+                                                    f"{('', *SUITE_SOURCES, 'all')}")
+    source = config.data.get("source") if config.get("data") else None
+    wanted = SUITE_SOURCES.get(suite)
+    if wanted and source not in wanted:
+        # Found now, not after the last step (the suite would raise at the end of training).
+        raise ConfigError("train.final_eval_suite", f"the {suite!r} suite reads data.source in "
+                                                    f"{wanted}, this run trains on {source!r}: "
+                                                    "use 'text' (or 'all': what applies)")
+    needs_pixels = t.sample_every or suite in ("shapes", "fid", "digits", "edit", "all")
     if needs_pixels and config.get("data") and config.data.get("encoder") == "precomputed":
         field = "train.sample_every" if t.sample_every else "train.final_eval_suite"
         raise ConfigError(field, "sampled images are decoded to pixels by data.encoder, and "

@@ -1,0 +1,111 @@
+"""The shapes_edit set, edit documents, the edit folder layout and their config checks."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipelines.file_sources import edit_folder_records
+from data_pipelines.pipeline import make_train_iterator
+from data_pipelines.shapes_edit import EDIT_KINDS, is_heldout, make_edit
+from experiments import registry
+from tests.helpers.edit_reference import apply_instruction as _apply
+from tfusion.batch import CONDITION
+from tfusion.config import ConfigError
+
+
+def test_edits_follow_their_instructions_and_hold_out_instructions():
+    seen = {kind: set() for kind in EDIT_KINDS}
+    for split in ("train", "eval"):
+        for i in range(300):
+            e = make_edit(split, i)
+            assert e.kind == EDIT_KINDS[i % 5]
+            target = {(s.shape, s.color, s.size, s.row, s.col) for s in e.target.shapes}
+            assert _apply(e.instruction, e.source) == target, e.instruction
+            assert target != {(s.shape, s.color, s.size, s.row, s.col) for s in e.source.shapes}
+            assert 1 <= len(e.target.shapes) <= 3 and 1 <= len(e.source.shapes) <= 3
+            assert len({s.color for s in e.target.shapes}) == len(e.target.shapes)
+            assert is_heldout(e.instruction) == (split == "eval")
+            if split == "eval":
+                seen[e.kind].add(e.instruction)
+    assert all(len(v) >= 3 for v in seen.values()), {k: len(v) for k, v in seen.items()}
+    assert make_edit("eval", 7) == make_edit("eval", 7)
+
+
+def _edit_config(**data):
+    c = registry.get_config("shapes_edit_tiny")
+    c.train.init_from = ""
+    c.train.batch_size = 4
+    c.data.update(**data)
+    return c
+
+
+def test_pipeline_packs_edit_documents_with_a_condition_input():
+    config = _edit_config(edit_fraction=0.5)
+    it = make_train_iterator(config)
+    t_max, images = [], 0
+    for _ in range(6):
+        batch = next(it)
+        mask = batch["image_mask"]
+        t_max += batch["image_t_max"][mask].tolist()
+        images += int(mask.sum())
+    conditions = t_max.count(CONDITION)
+    # Each condition image is followed in its document by a diffused output image.
+    assert conditions > 0 and images - conditions >= conditions
+    assert it.data_counts()["data_records_read"] > 0
+
+
+def test_edit_folder_reads_layout_and_counts_bad_lines(tmp_path):
+    red = np.zeros((16, 16, 3), np.uint8)
+    red[4:12, 4:12] = (255, 0, 0)
+    Image.fromarray(red).save(tmp_path / "in.png")
+    Image.fromarray(red[:, ::-1]).save(tmp_path / "out.png")
+    lines = [json.dumps({"input": "in.png", "instruction": "flip it", "output": "out.png"}),
+             json.dumps({"input": "in.png", "instruction": "x", "output": "gone.png"}),
+             "not json",
+             json.dumps({"input": "in.png", "output": "out.png"})]
+    (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    records = edit_folder_records(str(tmp_path))
+    assert len(records) == 4
+    assert records[0].error == "" and records[0].instruction == "flip it"
+    assert [r.error for r in records][1:] == ["missing_image_file", "bad_metadata_line",
+                                             "bad_metadata_line"]
+    config = _edit_config(eval_examples=0)
+    config.data.update(source="edit_folder", data_dir=str(tmp_path), text_source="none")
+    config.train.final_eval_suite = ""
+    from data_pipelines.config import validate_data_config
+    validate_data_config(config)
+    it = make_train_iterator(config)
+    batch = next(it)
+    assert (batch["image_t_max"][batch["image_mask"]] == CONDITION).any()
+    counts = it.data_counts()
+    assert counts.get("data_skipped_missing_image_file", 0) > 0, counts
+    assert counts.get("data_skipped_bad_metadata_line", 0) > 0, counts
+
+
+def test_edit_configs_fail_at_start_up_naming_the_field(tmp_path):
+    from data_pipelines.config import validate_data_config
+    from tfusion.train.validate import validate_train_config
+
+    with pytest.raises(ConfigError, match="data.multi_image_fraction"):
+        validate_data_config(_edit_config(multi_image_fraction=0.1))
+    with pytest.raises(ConfigError, match="data.max_images_per_row"):
+        validate_data_config(_edit_config(max_images_per_row=1))
+    with pytest.raises(ConfigError, match="data.data_dir"):
+        validate_data_config(_edit_config(source="edit_folder", data_dir=str(tmp_path),
+                                          text_source="none"))
+    with pytest.raises(ConfigError, match="data.text_source"):
+        validate_data_config(_edit_config(source="edit_folder", data_dir=str(tmp_path)))
+    # A suite that cannot read the data is refused before step 0, not after the last.
+    folder = registry.get_config("shapes_tiny")
+    folder.data.update(source="folder", data_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="train.final_eval_suite"):
+        validate_train_config(folder)
+    plain = registry.get_config("shapes_tiny")
+    plain.train.final_eval_suite = "edit"
+    with pytest.raises(ConfigError, match="train.final_eval_suite"):
+        validate_train_config(plain)
+    missing = registry.get_config("shapes_edit_tiny")
+    missing.train.init_from = str(tmp_path / "no_run")
+    with pytest.raises(ConfigError, match="train.init_from"):
+        validate_train_config(missing)
