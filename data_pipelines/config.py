@@ -15,6 +15,7 @@ from tfusion.config import ConfigError, image_token_offset
 IMAGE_SOURCES = ("shapes", "shapes_edit", "digits", "folder", "edit_folder", "array_record",
                  "tfds", "precomputed", "none")
 EDIT_SOURCES = ("shapes_edit", "edit_folder")  # documents with a condition image
+EDIT_INSTRUCTION_POSITIONS = ("after_input", "before_input")
 TEXT_SOURCES = ("captions", "files", "none")
 
 
@@ -54,6 +55,11 @@ def data_config() -> ml_collections.ConfigDict:
     # Edit documents without their instruction (BOS BOI <input> EOI BOI <output> EOI
     # EOS): the image-conditioned unconditional branch of instruction guidance.
     c.edit_instruction_dropout = 0.1
+    # Where the instruction stands: "after_input" (the paper's order, BOS BOI <input>
+    # EOI instruction BOI <output> ...) or "before_input" (BOS instruction BOI <input>
+    # EOI BOI <output> ...: every output patch then sits a fixed distance from its
+    # input patch, whatever the instruction's length).
+    c.edit_instruction_position = "after_input"
     # Examples held out for make_eval_iterator: the first `eval_examples` records of
     # a file source, or a separately seeded shapes set (never seen in training).
     c.eval_examples = 256
@@ -160,6 +166,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     for field in ("edit_fraction", "edit_instruction_dropout"):
         if not 0.0 <= d[field] <= 1.0:
             _fail(field, f"{d[field]} outside [0, 1]")
+    if d.edit_instruction_position not in EDIT_INSTRUCTION_POSITIONS:
+        _fail("edit_instruction_position", f"unknown {d.edit_instruction_position!r}; choose "
+                                           f"from {EDIT_INSTRUCTION_POSITIONS}")
     if d.source in EDIT_SOURCES:
         _validate_edits(config)
     if not 1 <= d.shapes_max_per_image <= 9:

@@ -6,9 +6,12 @@ Image documents (one caption order drawn per image):
                                              t_max = diffusion.noise_limit_t (noise limiting)
   caption dropped (cfg_dropout, for CFG):    BOS BOI <image> EOI EOS, t_max = T-1
 Edit documents (EditRecord, data_pipelines/shapes_edit.py):
-  BOS BOI <input> EOI instruction BOI <output> EOI EOS: the input is a condition
-  image (t_max = tfusion.batch.CONDITION: clean, no diffusion loss), the output a
-  target with t_max = T-1; with edit_instruction_dropout the instruction is left out.
+  BOS BOI <input> EOI instruction BOI <output> EOI EOS (data.edit_instruction_position
+  "after_input"; "before_input": BOS instruction BOI <input> EOI BOI <output> EOI EOS):
+  the input is a condition image (t_max = tfusion.batch.CONDITION: clean, no
+  diffusion loss), the output a target with t_max = T-1; with edit_instruction_dropout
+  the instruction is left out. tfusion.inference.model_sampler.edit_prompt writes the
+  same prefix for generation.
 Interleaved documents (multi_image_fraction) chain 2..max_images_per_document such
 pieces between one BOS and one EOS. Text documents are BOS text EOS.
 
@@ -51,6 +54,7 @@ class DocumentOptions:
     image_token_offset: Optional[int] = None  # discrete baseline: token id of VQ code 0
     codebook_size: int = 0
     edit_instruction_dropout: float = 0.0
+    edit_instruction_position: str = "after_input"
 
     @classmethod
     def from_config(cls, config) -> "DocumentOptions":
@@ -63,7 +67,8 @@ class DocumentOptions:
                    max_images_per_document=d.max_images_per_document, seed=config.train.seed,
                    image_token_offset=image_token_offset(config.model),
                    codebook_size=int(config.model.get("codebook_size", 0)),
-                   edit_instruction_dropout=d.get("edit_instruction_dropout", 0.0))
+                   edit_instruction_dropout=d.get("edit_instruction_dropout", 0.0),
+                   edit_instruction_position=d.get("edit_instruction_position", "after_input"))
 
 
 class DocumentBuilder:
@@ -142,9 +147,11 @@ class DocumentBuilder:
         rng = np.random.default_rng([opt.seed, _EDIT_STREAM, index])
         if rng.random() < opt.edit_instruction_dropout:
             instruction = []
-        segments = [np.asarray([tok.bos_id, tok.boi_id], np.int32),
+        before, after = ((instruction, []) if opt.edit_instruction_position == "before_input"
+                         else ([], instruction))
+        segments = [np.asarray([tok.bos_id] + before + [tok.boi_id], np.int32),
                     ImageSegment(latent=latents[0], t_max=CONDITION),
-                    np.asarray([tok.eoi_id] + instruction + [tok.boi_id], np.int32),
+                    np.asarray([tok.eoi_id] + after + [tok.boi_id], np.int32),
                     ImageSegment(latent=latents[1], t_max=opt.full_t_max),
                     np.asarray([tok.eoi_id, tok.eos_id], np.int32)]
         return DocItem(document=segments, repairs=repairs)

@@ -89,7 +89,7 @@ def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str
                  edit: bool = False) -> list:
     import numpy as np
 
-    from tfusion.inference.model_sampler import edit_prompt, text_to_image_prompt
+    from tfusion.inference.model_sampler import edit_position, edit_prompt, text_to_image_prompt
 
     if edit and image_path is None:
         raise ImageInputError("--edit needs --image (the image to edit)")
@@ -99,7 +99,7 @@ def build_prompt(tokenizer, config, text: str, image_path: str | None, mode: str
         return text_to_image_prompt(tokenizer, text)
     latent = read_image_latent(config, image_path)
     if edit:
-        return edit_prompt(tokenizer, latent, text)
+        return edit_prompt(tokenizer, latent, text, edit_position(config))
     s = tokenizer
     return [np.asarray([s.bos_id, s.boi_id], np.int32), latent,
             np.asarray([s.eoi_id] + tokenizer.encode(text), np.int32)]
@@ -181,7 +181,7 @@ def main(argv) -> None:
     options = GenerationOptions.from_config(config, **overrides)
     twin = None  # --edit guided on the instruction: the image without it (model_sampler)
     if edit and _EDIT_GUIDANCE.value == "instruction" and options.cfg_scale is not None:
-        twin = edit_prompt(tokenizer, prompt[1], None)
+        twin = edit_prompt(tokenizer, prompt[1], None)  # the same for either position
     engine = sharded_engine(model, config)
     primary = jax.process_index() == 0
     special = SpecialTokens.from_tokenizer(tokenizer)

@@ -109,3 +109,35 @@ def test_edit_configs_fail_at_start_up_naming_the_field(tmp_path):
     missing.train.init_from = str(tmp_path / "no_run")
     with pytest.raises(ConfigError, match="train.init_from"):
         validate_train_config(missing)
+
+
+@pytest.mark.parametrize("position", ["after_input", "before_input"])
+def test_generation_prompt_is_the_training_document_prefix(position):
+    """edit_prompt (generation) writes exactly the edit document's prefix up to the
+    output image, and the instruction-dropped document's for the guidance twin."""
+    from data_pipelines.documents import DocumentBuilder, DocumentOptions
+    from data_pipelines.sources import edit_record
+    from data_pipelines.tokenizer import build_tokenizer
+    from tfusion.batch import ImageSegment
+    from tfusion.inference.model_sampler import edit_prompt
+
+    config = _edit_config(edit_instruction_position=position, edit_instruction_dropout=0.0)
+    tok = build_tokenizer(config)
+    builder = DocumentBuilder(tok, DocumentOptions.from_config(config))
+    record = edit_record("train", 4, 3, 16)
+    doc = builder.edit_document(4, record).document
+    prompt = edit_prompt(tok, doc[1].latent, record.instruction, position)
+    assert isinstance(doc[1], ImageSegment) and doc[1].t_max == CONDITION
+    assert doc[3].t_max == config.diffusion.num_train_steps - 1
+    for got, want in zip(prompt, doc[:3]):
+        want = want.latent if isinstance(want, ImageSegment) else want
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    words = tok.encode(record.instruction)
+    first = doc[0].tolist() if position == "before_input" else doc[2].tolist()
+    assert first[1:1 + len(words)] == words
+    config.data.edit_instruction_dropout = 1.0
+    dropped = DocumentBuilder(tok, DocumentOptions.from_config(config)).edit_document(4, record)
+    twin = edit_prompt(tok, doc[1].latent, None, position)
+    for got, want in zip(twin, dropped.document[:3]):
+        want = want.latent if isinstance(want, ImageSegment) else want
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

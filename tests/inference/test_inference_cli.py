@@ -90,3 +90,28 @@ def test_exported_params_generate_like_the_run(workdir, tmp_path):
     a = np.asarray(Image.open(str(tmp_path / "a" / "sample_0_image_0.png")))
     b = np.asarray(Image.open(str(tmp_path / "b" / "sample_0_image_0.png")))
     np.testing.assert_array_equal(a, b)
+
+
+def test_edit_writes_the_edited_image_as_the_sampler_edits(workdir, tmp_path):
+    """--edit: BOS BOI image EOI prompt BOI, guided on the instruction; the PNG equals
+    ModelSampler.edits on the same image, seed and steps."""
+    from data_pipelines import build_tokenizer, shapes
+    from tfusion.eval.checkpoints import load_model
+    from tfusion.inference.model_sampler import ModelSampler, SamplingSettings, to_uint8
+
+    scene = shapes.make_scene(0, 3, 2)
+    source = shapes.render_scene(scene, 16)
+    path = str(tmp_path / "in.png")
+    Image.fromarray(source).save(path)
+    out = str(tmp_path / "edit")
+    _run(["launch.generate", f"--workdir={workdir}", f"--image={path}", f"--out={out}",
+          "--prompt=make the red circle blue", "--edit", "--steps=3"])
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == ["sample_0_image_0.png"]
+    got = np.asarray(Image.open(os.path.join(out, "sample_0_image_0.png")))
+    model, config, _ = load_model(workdir)
+    sampler = ModelSampler(model, config, build_tokenizer(config), SamplingSettings(steps=3))
+    expected = sampler.edits(source[None].astype(np.float32) / 127.5 - 1.0,
+                             ["make the red circle blue"])
+    np.testing.assert_array_equal(got, to_uint8(expected)[0])
+    assert "--edit needs --image" in _fails(["launch.generate", f"--workdir={workdir}",
+                                             f"--out={out}", "--prompt=x", "--edit"])

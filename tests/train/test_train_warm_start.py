@@ -141,3 +141,26 @@ def test_bad_warm_start_config_fails_at_startup(tmp_path, train, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         Trainer(synthetic_config(**train), str(tmp_path), devices=jax.devices()[:1],
                 train_iterator_fn=synthetic_iterator_fn())
+
+
+def test_warm_start_from_a_run_saved_before_newer_model_fields(source_run, tmp_path):
+    """A source whose config.json predates model fields (e.g. qkv_bias) loads with their
+    defaults, as the README run of an older checkout does."""
+    from tfusion.train.warm_start import read_source_params
+
+    old = tmp_path / "old_run"
+    shutil.copytree(source_run, old)
+    saved = json.load(open(old / "config.json"))
+    for field in ("qkv_bias", "rope_scaling"):
+        saved["model"].pop(field)
+    json.dump(saved, open(old / "config.json", "w"))
+    from tfusion import sharding
+    mesh_cfg = synthetic_config(steps=1).mesh
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+    params, step, entry, _ = read_source_params(str(old), "ema", mesh,
+                                                sharding.mesh_rules(mesh_cfg))
+    expected = _flat(nnx_params(load_model(source_run, params="ema")[0]))
+    got = {k: np.asarray(v) for k, v in flat_names(params).items()}
+    assert step == 4 and entry == "ema_params" and sorted(got) == sorted(expected)
+    for name, value in got.items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)

@@ -130,7 +130,9 @@ class ModelSampler:
         s = self.special
         encode = _encoder(self.config).encode
         inputs = [encode(p) for p in pixels]
-        prompts = [edit_prompt(self.tokenizer, x, text) for x, text in zip(inputs, instructions)]
+        position = edit_position(self.config)
+        prompts = [edit_prompt(self.tokenizer, x, text, position)
+                   for x, text in zip(inputs, instructions)]
         twins = [edit_prompt(self.tokenizer, x, None) for x in inputs]
         options = self.image_options
         if guidance == "none":
@@ -189,13 +191,22 @@ def text_to_image_prompt(tokenizer, caption: str) -> list:
     return [np.asarray([special.bos] + tokenizer.encode(caption) + [special.boi], np.int32)]
 
 
-def edit_prompt(tokenizer, latent: np.ndarray, instruction: str | None) -> list:
-    """BOS BOI <latent> EOI instruction BOI (no instruction: BOS BOI <latent> EOI BOI),
-    the edit document's prefix (data_pipelines/documents.py)."""
+def edit_prompt(tokenizer, latent: np.ndarray, instruction: str | None,
+                position: str = "after_input") -> list:
+    """The edit document's prefix (data_pipelines/documents.py): BOS BOI <latent> EOI
+    instruction BOI, or with position "before_input" BOS instruction BOI <latent> EOI
+    BOI; no instruction (None): BOS BOI <latent> EOI BOI."""
     special = SpecialTokens.from_tokenizer(tokenizer)
     words = tokenizer.encode(instruction) if instruction is not None else []
-    return [np.asarray([special.bos, special.boi], np.int32), np.asarray(latent, np.float32),
-            np.asarray([special.eoi] + words + [special.boi], np.int32)]
+    before, after = (words, []) if position == "before_input" else ([], words)
+    return [np.asarray([special.bos] + before + [special.boi], np.int32),
+            np.asarray(latent, np.float32),
+            np.asarray([special.eoi] + after + [special.boi], np.int32)]
+
+
+def edit_position(config) -> str:
+    """Where the run's edit documents put the instruction (data.edit_instruction_position)."""
+    return config.data.get("edit_instruction_position", "after_input")
 
 
 def write_sample_grid(model_or_params, config, tokenizer, prompts: Sequence[str],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import time
 
 import jax
@@ -54,18 +55,35 @@ def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
+def cpu_identity() -> str:
+    """What the cached measurement holds for: the CPU model, its cores and the jax CPU
+    devices they are split into (a home directory can outlive its machine)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | {os.cpu_count()} cores | {jax.local_device_count()} devices"
+
+
 def cpu_peak_flops(cache_file: str = _CACHE_FILE) -> float:
-    """Measured once per machine and cached (the measurement takes ~1 s)."""
+    """Measured once per machine (cpu_identity) and cached (the measurement takes ~1 s);
+    a cache written on another machine is measured again."""
+    identity = cpu_identity()
     try:
         with open(cache_file) as f:
-            return float(json.load(f)["flops"])
-    except (OSError, ValueError, KeyError):
+            cached = json.load(f)
+        if cached.get("machine") == identity:
+            return float(cached["flops"])
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     flops = measure_matmul_flops()
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
         with open(cache_file, "w") as f:
-            json.dump({"flops": flops}, f)
+            json.dump({"flops": flops, "machine": identity}, f)
     except OSError:
         pass
     return flops

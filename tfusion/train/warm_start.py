@@ -20,8 +20,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from tfusion.config import ConfigError
+from tfusion.config import ConfigError, model_config
 
 _log = logging.getLogger(__name__)
 PARAMS_CHOICES = ("ema", "raw")
@@ -65,7 +66,9 @@ def read_source_params(path: str, which: str, mesh, table) -> tuple[dict, int, s
     from tfusion.train import state as state_lib
     from tfusion.train.checkpoint import Checkpointer
 
-    source = load_config(path)
+    # Model fields added to the code since the source run was saved take their defaults
+    # (what the source was built with: every new field defaults to the old behaviour).
+    source = load_config(path, ml_collections.ConfigDict(dict(model=model_config())))
     checkpointer = Checkpointer(os.path.abspath(os.path.join(path, "checkpoints")),
                                 keep=1_000_000, async_save=False)
     try:
