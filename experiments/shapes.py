@@ -91,18 +91,30 @@ README_WORKDIR = "/tmp/tfusion_shapes_tiny"  # where the README job writes its r
 def shapes_edit_tiny():
     """Image editing (the paper's section 4.4) by fine-tuning a finished shapes_tiny run
     (the README job's workdir, train.init_from) on shapes_edit: documents
-    BOS BOI <input> EOI instruction BOI <output> EOI EOS with the input a clean
+    BOS instruction BOI <input> EOI BOI <output> EOI EOS with the input a clean
     condition image, mixed with the shapes pairs the base trained on (data.edit_fraction
     of the records are edits) so that generation and captioning are kept. Scored by
-    `launch.evaluate --suite=edit` on held-out scenes and instructions (docs/editing.md
-    has the measurements behind the choices)."""
+    `launch.evaluate --suite=edit` on held-out scenes and instructions.
+
+    Chosen by measurement (docs/editing.md#measurements, 100 held-out edits):
+      * the instruction before the input image (data.edit_instruction_position
+        "before_input"): every output patch then sits 18 positions after its input
+        patch whatever the instruction's length, so copying the unchanged objects is
+        one relative offset for RoPE attention; and after `BOS BOI <image> EOI` the
+        training documents continue with a caption, never an instruction. The
+        paper's order ("after_input") gave exact 0.04 and captioning exact 0.00 (it
+        captioned with instructions), against 0.14 and 0.78 (1500 steps, lr 1e-3);
+      * 75% edits / 25% shapes pairs, lr 2e-3, 2000 steps (~14 min): exact 0.68,
+        preserved 0.93.
+    """
     c = shapes_tiny()
     c.name = "shapes_edit_tiny"
-    c.data.update(source="shapes_edit", edit_fraction=0.5, edit_max_shapes=3,
-                  edit_instruction_dropout=0.1, multi_image_fraction=0.0)
-    c.train.update(init_from=README_WORKDIR, steps=1500, checkpoint_every=500,
+    c.data.update(source="shapes_edit", edit_fraction=0.75, edit_max_shapes=3,
+                  edit_instruction_dropout=0.1, edit_instruction_position="before_input",
+                  multi_image_fraction=0.0)
+    c.train.update(init_from=README_WORKDIR, steps=2000, checkpoint_every=500,
                    sample_every=0, eval_every=500, final_eval_suite="edit")
-    c.optimizer.update(learning_rate=1e-3, warmup_steps=50, final_learning_rate=1e-4)
+    c.optimizer.update(learning_rate=2e-3, warmup_steps=50, final_learning_rate=1e-4)
     return c
 
 
