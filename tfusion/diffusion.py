@@ -210,31 +210,32 @@ class NoiseProcess:
             return min_snr_weight(a, s, self.prediction, self.min_snr_gamma)
         return jnp.ones_like(a)
 
-    def at(self, x0, times, noise) -> NoiseDraw:
-        """The noising of x0 [B, M, H, W, C] at given times [B, M] with given noise."""
+    def at(self, x0, times, noise, clean=None) -> NoiseDraw:
+        """The noising of x0 [B, M, H, W, C] at given times [B, M] with given noise.
+
+        `clean` (bool [B, M]): slots read as given at model time 0, what generation's
+        cache holds for an image in a prompt, with loss weight 0: condition images
+        (tfusion.batch.CONDITION; the loss also leaves them out of its count,
+        losses.diffusion_targets), or every slot for clean-image evaluation."""
         a, s = self.coefficients(times)
         ab, sb = broadcast_to_latents(a, x0), broadcast_to_latents(s, x0)
         noisy = ab * x0 + sb * noise
         target = target_of(x0, noise, ab, sb, self.prediction, self.process)
-        return NoiseDraw(noisy, self.model_time(times), target, self.loss_weight(a, s))
+        model_t, weight = self.model_time(times), self.loss_weight(a, s)
+        if clean is not None:
+            noisy = jnp.where(broadcast_to_latents(clean, x0), x0, noisy)
+            model_t = jnp.where(clean, 0.0, model_t)
+            weight = jnp.where(clean, 0.0, weight)
+        return NoiseDraw(noisy, model_t, target, weight)
 
     def draw(self, rng, images, t_max) -> NoiseDraw:
-        """Draws a time and the noise per image slot: images [B, M, H, W, C], t_max [B, M].
-
-        Condition slots (t_max < 0, tfusion.batch.CONDITION) stay clean with model time
-        0, what generation's cache holds for an image in a prompt; their loss weight is
-        0 (the loss also leaves them out of its count: losses.diffusion_targets)."""
+        """Draws a time and the noise per image slot: images [B, M, H, W, C], t_max [B, M];
+        condition slots (t_max < 0) stay clean (`at`'s clean)."""
         t_rng, n_rng = jax.random.split(rng)
-        condition = t_max < 0
         times = self.times_from_unit(self._unit_draw(t_rng, t_max.shape),
                                      jnp.maximum(t_max, 0))
         noise = jax.random.normal(n_rng, images.shape, jnp.float32)
-        draw = self.at(images, times, noise)
-        return NoiseDraw(noisy=jnp.where(broadcast_to_latents(condition, images), images,
-                                         draw.noisy),
-                         model_t=jnp.where(condition, 0.0, draw.model_t),
-                         target=draw.target,
-                         weight=jnp.where(condition, 0.0, draw.weight))
+        return self.at(images, times, noise, clean=t_max < 0)
 
     def x0_eps(self, pred, x_t, times):
         """(x0, eps) from the model output at x_t of the given times [B, M]."""

@@ -22,7 +22,6 @@ configured tfusion.diffusion.NoiseProcess), over the held-out batches:
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -109,14 +108,9 @@ class HeldoutEvaluator:
     def _pass_sums(self, params, batch, images, noise, times, clean: bool = False):
         """Sums of one forward pass with `images` in the slots at `times` [B, M];
         `clean`: the images as given at model time 0 (how inference reads an image)."""
-        draw = self.process.at(images, times, noise)
         # Condition images (tfusion.batch.CONDITION) are read clean in every pass, as in
         # training; `clean` reads all images so.
-        clean_slots = (batch["image_t_max"] < 0) | clean
-        draw = dataclasses.replace(
-            draw, noisy=jnp.where(diffusion.broadcast_to_latents(clean_slots, images), images,
-                                  draw.noisy),
-            model_t=jnp.where(clean_slots, 0.0, draw.model_t))
+        draw = self.process.at(images, times, noise, clean=(batch["image_t_max"] < 0) | clean)
         targets = losses.diffusion_targets(batch)
         with sharding.activation_sharding(self.mesh, self.table or {}):
             logits, pred = self.model_fn(params, batch, draw.noisy, draw.model_t)

@@ -39,7 +39,6 @@ from data_pipelines.builtin_text import digit_caption
 from data_pipelines.pipeline import make_eval_iterator
 from data_pipelines.shapes import render_scene
 from data_pipelines.shapes_edit import make_edit
-from data_pipelines.sources import SHAPES_WORLD
 from data_pipelines.tokenizer import build_tokenizer
 from tfusion.eval import fid as fid_lib
 from tfusion.eval.cider import cider_d
@@ -47,11 +46,11 @@ from tfusion.eval.edit_scoring import aggregate_edits, score_edit
 from tfusion.eval.heldout import heldout_metrics
 from tfusion.eval.references import heldout_references
 from tfusion.eval.shapes_detector import detect_batch
+from tfusion.eval.suite_sources import SHAPES_WORLD, SUITES, applies, source_problem
 from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_image
 from tfusion.inference.model_sampler import ModelSampler, SamplingSettings, write_grid
 
 _log = logging.getLogger(__name__)
-SUITES = ("text", "shapes", "fid", "digits", "edit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +128,18 @@ def text_suite(ctx: _Context) -> dict:
                            progress=progress)
 
 
+def _require_source(ctx: _Context, suite: str) -> None:
+    problem = source_problem(suite, ctx.config.data.source)
+    if problem:
+        raise ValueError(problem)
+
+
 def _claims(detections) -> list:
     return [Claim.from_detection(d) for d in detections]
 
 
 def shapes_suite(ctx: _Context) -> dict:
-    if ctx.config.data.source not in SHAPES_WORLD:
-        raise ValueError(f"the shapes suite needs data.source in {SHAPES_WORLD}, not "
-                         f"{ctx.config.data.source!r}")
+    _require_source(ctx, "shapes")
     refs = ctx.references(ctx.options.shapes_prompts)
     stated = [[Claim.from_spec(a) for a in r.attributes] for r in refs]
     counts = [len(s) for s in stated]
@@ -174,9 +177,8 @@ def shapes_suite(ctx: _Context) -> dict:
 
 
 def edit_suite(ctx: _Context) -> dict:
+    _require_source(ctx, "edit")
     d = ctx.config.data
-    if d.source != "shapes_edit":
-        raise ValueError(f"the edit suite needs data.source='shapes_edit', not {d.source!r}")
     edits = [make_edit("eval", i, d.edit_max_shapes) for i in range(ctx.options.edit_prompts)]
     to_pixels = lambda scenes: np.stack([render_scene(x, d.image_size) for x in scenes]
                                         ).astype(np.float32) / 127.5 - 1.0
@@ -254,9 +256,7 @@ def _as_digit_intensities(pixels: np.ndarray) -> np.ndarray:
 
 
 def digits_suite(ctx: _Context) -> dict:
-    if ctx.config.data.source != "digits":
-        raise ValueError(f"the digits suite needs data.source='digits', not "
-                         f"{ctx.config.data.source!r}")
+    _require_source(ctx, "digits")
     classifier, heldout_accuracy = _digit_classifier(ctx.config)
     wanted = [d for d in range(10) for _ in range(ctx.options.digits_per_class)]
     prompts = [digit_caption(d) for d in wanted]
@@ -281,15 +281,8 @@ SUITE_FNS: dict[str, Callable[[_Context], dict]] = {
 
 
 def suites_for(name: str, config) -> tuple[str, ...]:
-    if name == "all":
-        applicable = ["text"]
-        if config.data.source in SHAPES_WORLD + ("digits",):
-            applicable.append("digits" if config.data.source == "digits" else "shapes")
-        if config.data.source in SHAPES_WORLD:  # other data: pass a feature_fn, suite "fid"
-            applicable.append("fid")
-        if config.data.source == "shapes_edit":
-            applicable.append("edit")
-        return tuple(applicable)
+    if name == "all":  # fid on other data: pass a feature_fn and run suite "fid"
+        return tuple(s for s in SUITES if applies(s, config.data.source))
     if name not in SUITE_FNS:
         raise ValueError(f"unknown suite {name!r}; choose from {SUITES + ('all',)}")
     return (name,)

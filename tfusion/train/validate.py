@@ -8,14 +8,8 @@ import jax
 from tfusion import sharding
 from tfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig
 from tfusion.train.optimizer import PARAM_GROUPS
+from tfusion.eval.suite_sources import SUITES, source_problem
 from tfusion.train.warm_start import validate_init_from
-
-
-# The data each evaluation suite can score (tfusion/eval/suites.py; "text" and "all"
-# take any data; "fid" on other data needs a feature_fn, which a config cannot name).
-SUITE_SOURCES = {"text": None, "shapes": ("shapes", "shapes_edit"),
-                 "fid": ("shapes", "shapes_edit"), "digits": ("digits",),
-                 "edit": ("shapes_edit",)}
 
 
 def validate_train_config(config) -> None:
@@ -31,16 +25,15 @@ def validate_train_config(config) -> None:
         raise ConfigError("train.grad_accum_steps", f"{t.grad_accum_steps} does not divide "
                                                     f"batch_size={t.batch_size}")
     suite = t.get("final_eval_suite", "")
-    if suite and suite not in SUITE_SOURCES and suite != "all":
+    if suite and suite not in SUITES and suite != "all":
         raise ConfigError("train.final_eval_suite", f"unknown {suite!r}; choose from "
-                                                    f"{('', *SUITE_SOURCES, 'all')}")
+                                                    f"{('', *SUITES, 'all')}")
     source = config.data.get("source") if config.get("data") else None
-    wanted = SUITE_SOURCES.get(suite)
-    if wanted and source not in wanted:
+    problem = source_problem(suite, source) if suite in SUITES else ""
+    if problem:
         # Found now, not after the last step (the suite would raise at the end of training).
-        raise ConfigError("train.final_eval_suite", f"the {suite!r} suite reads data.source in "
-                                                    f"{wanted}, this run trains on {source!r}: "
-                                                    "use 'text' (or 'all': what applies)")
+        raise ConfigError("train.final_eval_suite", f"{problem}: use 'text' (or 'all': "
+                                                    "what applies)")
     needs_pixels = t.sample_every or suite in ("shapes", "fid", "digits", "edit", "all")
     if needs_pixels and config.get("data") and config.data.get("encoder") == "precomputed":
         field = "train.sample_every" if t.sample_every else "train.final_eval_suite"
