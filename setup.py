@@ -23,6 +23,9 @@ setup(
         "pillow>=10.0",
         "scikit-learn>=1.3",  # ships the bundled handwritten-digits set
         "array-record>=0.5",
+        "pyarrow>=14",  # parquet shards (Hugging Face datasets' layout)
+        "etils[epath]>=1.5",  # gs:// s3:// paths of data shards
+        "fsspec>=2023.1",  # any other protocol:// of data shards (memory://, http://)
         "tensorboardX>=2.6",
         "tqdm>=4.60",
         "scipy>=1.10",  # Frechet distance, power-law fits

@@ -13,7 +13,8 @@ import ml_collections
 from tfusion.config import ConfigError, image_token_offset
 
 IMAGE_SOURCES = ("shapes", "shapes_edit", "digits", "folder", "edit_folder", "array_record",
-                 "tfds", "precomputed", "none")
+                 "tfds", "precomputed", "webdataset", "parquet", "interleaved", "none")
+SHARDED_SOURCES = ("webdataset", "parquet", "interleaved")  # data_dir: a glob of shards
 EDIT_SOURCES = ("shapes_edit", "edit_folder")  # documents with a condition image
 EDIT_INSTRUCTION_POSITIONS = ("after_input", "before_input")
 TEXT_SOURCES = ("captions", "files", "none")
@@ -38,8 +39,23 @@ def data_config() -> ml_collections.ConfigDict:
     # folder source: a directory of images + captions.jsonl, one JSON object per line
     # naming the image file under "file", "file_name", "image" or "path" and its
     # caption under "caption" or "text" (first present wins; checked at start-up on
-    # the first 20 lines); array_record source: a file glob.
+    # the first 20 lines); array_record source: a file glob. Sharded sources
+    # (data_pipelines/web_sources.py; local or gs://, s3://, any fsspec URL; several
+    # globs comma-separated): webdataset = .tar shards (img2dataset's layout),
+    # parquet = .parquet files (Hugging Face datasets' layout), interleaved = .parquet
+    # or .jsonl web documents with a texts and an images list.
     c.data_dir = ""
+    c.image_column = "image"  # parquet: column of image bytes or {"bytes": ...} structs
+    # parquet: caption column; webdataset: caption key of the .json member when there
+    # is no .txt member ("text" is tried when this one is absent, in both)
+    c.caption_column = "caption"
+    c.interleaved_texts_column = "texts"  # interleaved: list of texts (null at images)
+    c.interleaved_images_column = "images"  # interleaved: list of images (null at texts)
+    # Sharded sources are read in blocks of this many records: per epoch the blocks go
+    # in a seeded order and each block's records in a seeded order; each process and
+    # grain worker reads every n-th block. Bigger = fewer reads, more host memory
+    # (a few blocks are cached per reader).
+    c.shuffle_block = 256
     c.tfds_name = ""  # tfds source: dataset name read with tfds.data_source (no download)
     c.tfds_data_dir = ""  # tfds source: data_dir holding the prepared dataset
     c.tfds_split = "train"  # tfds source: split to read (held-out rows come from it too)
@@ -72,9 +88,17 @@ def data_config() -> ml_collections.ConfigDict:
     c.max_images_per_document = 2
     # --- text-only source ---
     c.text_source = "captions"  # "captions": captions of the image source as plain text;
-    #                             "files": text/JSONL files at text_files; "none"
-    c.text_files = ""  # glob of .txt (one document per non-empty line) or .jsonl files
-    c.text_jsonl_key = "text"  # JSONL field holding the document text
+    #                             "files": text corpus at text_files; "none"
+    # Glob(s) of .txt (a document per non-empty line), .jsonl, .jsonl.gz or .parquet
+    # shards, read block by block (memory does not grow with the corpus).
+    c.text_files = ""
+    c.text_column = "text"  # .jsonl key / .parquet column holding the document text
+    # --- many sources (data_pipelines/mixture.py) ---
+    # A list of {"name", "source", "data_dir", "weight"} entries (a JSON string on the
+    # command line), source = an image source, "text" (a corpus at data_dir) or
+    # "captions"; weights are token shares; other keys override that entry's data
+    # fields. Empty: source + text_source weighted by text_token_share.
+    c.mixture = ""
     # --- mixture (paper: 1:1 text : image tokens) ---
     # Share of packed tokens that come from text-only documents. Sampling weights
     # are this share divided by each stream's expected tokens per document (measured
@@ -147,8 +171,16 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("text_source", "text-only training needs text_source='files'")
     if d.text_source == "files" and not d.text_files:
         _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
-    if d.source in ("folder", "array_record", "edit_folder") and not d.data_dir:
+    if d.source in ("folder", "array_record", "edit_folder") + SHARDED_SOURCES and not d.data_dir:
         _fail("data_dir", f"source={d.source!r} needs data_dir")
+    if d.shuffle_block < 1:
+        _fail("shuffle_block", f"must be >= 1, got {d.shuffle_block}")
+    if d.source in SHARDED_SOURCES:
+        _validate_glob("data_dir", d.data_dir)
+    if d.text_source == "files":
+        _validate_glob("text_files", d.text_files)
+    if d.mixture:
+        _validate_mixture(config)
     if d.source == "folder":
         _validate_folder(d.data_dir)
     if (d.source == "precomputed") != (d.encoder == "precomputed"):
@@ -178,6 +210,35 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     _validate_against_model(config)
 
 
+def _validate_mixture(config) -> None:
+    """Each entry's source is known and its data config valid (as if it were the run's
+    only source: its data_dir, overrides and what the model needs)."""
+    from data_pipelines.mixture import TEXT_ENTRY_SOURCES, entry_data, mixture_entries
+
+    d = config.data
+    for i, entry in enumerate(mixture_entries(d)):
+        if entry.source not in IMAGE_SOURCES[:-1] + TEXT_ENTRY_SOURCES:
+            _fail(f"mixture[{i}].source", f"unknown {entry.source!r}; choose from "
+                                          f"{IMAGE_SOURCES[:-1] + TEXT_ENTRY_SOURCES}")
+        if entry.source == "text" and not entry.data_dir:
+            _fail(f"mixture[{i}].data_dir", "a text entry needs a glob of text shards")
+        if entry.source == "captions" and d.source == "none":
+            _fail(f"mixture[{i}].source", "'captions' reads data.source, which is 'none'")
+        single = config.copy_and_resolve_references()
+        with single.unlocked():
+            single.data = entry_data(d, entry)
+            single.data.mixture = ""
+            if entry.is_text:
+                single.data.text_source = "files" if entry.source == "text" else "captions"
+                single.data.text_token_share = 1.0
+            else:
+                single.data.text_token_share = 0.0
+        try:
+            validate_data_config(single)
+        except ConfigError as e:
+            _fail(f"mixture[{i}]", f"entry {entry.name!r}: {e}")
+
+
 def _validate_edits(config) -> None:
     """An edit document holds two images and never joins an interleaved one."""
     d = config.data
@@ -199,6 +260,15 @@ def _validate_edits(config) -> None:
         from data_pipelines.file_sources import EDITS_FILE
         if not os.path.isfile(os.path.join(d.data_dir, EDITS_FILE)):
             _fail("data_dir", f"{d.data_dir} has no {EDITS_FILE} (the edit_folder layout)")
+
+
+def _validate_glob(field: str, patterns: str) -> None:
+    from data_pipelines.shards import expand  # late: pulls in grain
+
+    try:
+        expand(patterns)
+    except FileNotFoundError as e:
+        _fail(field, str(e))
 
 
 def _validate_folder(data_dir: str) -> None:

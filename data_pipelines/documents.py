@@ -12,8 +12,12 @@ Edit documents (EditRecord, data_pipelines/shapes_edit.py):
   diffusion loss), the output a target with t_max = T-1; with edit_instruction_dropout
   the instruction is left out. tfusion.inference.model_sampler.edit_prompt writes the
   same prefix for generation.
-Interleaved documents (multi_image_fraction) chain 2..max_images_per_document such
-pieces between one BOS and one EOS. Text documents are BOS text EOS.
+Multi-image documents (multi_image_fraction) chain 2..max_images_per_document such
+pieces between one BOS and one EOS. Web documents (InterleavedRecord, the
+"interleaved" source) keep their own reading order: BOS text BOI <image> EOI text ...
+EOS, every image a target with t_max = T-1 (a document longer than a row, or with more
+images than its slots, is skipped and counted by the packer, never cut). Text
+documents are BOS text EOS.
 
 The discrete (Chameleon) baseline draws the same documents, but <image> is the
 image's VQ code ids shifted past the text vocabulary (code c -> token
@@ -30,7 +34,7 @@ import numpy as np
 from data_pipelines.encoders import resolve as resolve_encoder
 from data_pipelines.images import prepare_image
 from data_pipelines.records import (BadRecord, DocItem, EditRecord, ImageCaptionRecord,
-                                    TextRecord, clean_text, located)
+                                    InterleavedRecord, TextRecord, clean_text, located)
 from data_pipelines.tokenizer import Tokenizer
 from tfusion.batch import CONDITION, ImageSegment
 from tfusion.config import image_token_offset
@@ -89,17 +93,27 @@ class DocumentBuilder:
         pixels, repairs = prepare_image(record.image, self.opt.image_size)
         return self.encode(pixels), caption, repairs + caption_repairs
 
-    def image_document(self, index: int, record: ImageCaptionRecord, pool) -> DocItem:
-        """Document `index` of an image stream; extra images of interleaved documents
-        come from `pool` (the same stream, any index) at seeded random positions."""
+    def image_document(self, index: int, record: ImageCaptionRecord, pool,
+                       pool_block: int = 0) -> DocItem:
+        """Document `index` of an image stream; extra images of multi-image documents
+        come from `pool` (the same stream) at seeded random positions: anywhere, or
+        with `pool_block` > 0 within index's block of that many (a block-read stream,
+        whose block is then already in memory)."""
         if isinstance(record, EditRecord):
             return self.edit_document(index, record)
+        if isinstance(record, InterleavedRecord):
+            return self.interleaved_document(record)
         opt = self.opt
         rng = np.random.default_rng([opt.seed, _IMAGE_STREAM, index])
         records = [record]
         if opt.max_images_per_document > 1 and rng.random() < opt.multi_image_fraction:
             extra = int(rng.integers(1, opt.max_images_per_document))
-            records += [pool[int(j)] for j in rng.integers(0, min(len(pool), 2**62), extra)]
+            if pool_block:
+                first = index - index % pool_block
+                positions = first + rng.integers(0, pool_block, extra)
+            else:
+                positions = rng.integers(0, min(len(pool), 2**62), extra)
+            records += [pool[int(j)] for j in positions]
         repairs: tuple[str, ...] = ()
         segments, pending = [], [self.tok.bos_id]
         for rec in records:
@@ -156,6 +170,34 @@ class DocumentBuilder:
                     np.asarray([tok.eoi_id, tok.eos_id], np.int32)]
         return DocItem(document=segments, repairs=repairs)
 
+    def interleaved_document(self, record: InterleavedRecord) -> DocItem:
+        """BOS text BOI <image> EOI text ... EOS in the record's reading order."""
+        if self.opt.image_token_offset is not None:
+            return _skipped(BadRecord("interleaved_not_discrete", "the discrete baseline "
+                                      "does not read web documents"), record)
+        tok, repairs = self.tok, ()
+        segments, pending = [], [tok.bos_id]
+        try:
+            if record.error:
+                raise BadRecord(record.error, record.error_detail)
+            if not any(kind == "image" for kind, _ in record.parts):
+                raise BadRecord("no_image_in_document")
+            for kind, value in record.parts:
+                if kind == "text":
+                    text, fixes = clean_text(value, "empty_text")
+                    pending += tok.encode(text)
+                else:
+                    pixels, fixes = prepare_image(value, self.opt.image_size)
+                    segments.append(np.asarray(pending + [tok.boi_id], np.int32))
+                    segments.append(ImageSegment(latent=self.encode(pixels),
+                                                 t_max=self.opt.full_t_max))
+                    pending = [tok.eoi_id]
+                repairs += fixes
+        except BadRecord as e:
+            return _skipped(e, record, repairs)
+        segments.append(np.asarray(pending + [tok.eos_id], np.int32))
+        return DocItem(document=segments, repairs=repairs)
+
     def _code_tokens(self, codes) -> list[int]:
         """VQ code ids [h, w, 1] (raster order) -> token ids past the text vocabulary."""
         codes = np.asarray(codes)
@@ -181,8 +223,10 @@ def _skipped(error: BadRecord, record, repairs: tuple[str, ...] = ()) -> DocItem
     return DocItem.skipped(error.reason, repairs, located(record.origin, error.detail))
 
 
-def image_documents(records: grain.MapDataset, builder: DocumentBuilder) -> grain.MapDataset:
-    return records.map_with_index(lambda i, r: builder.image_document(i, r, records))
+def image_documents(records: grain.MapDataset, builder: DocumentBuilder,
+                    pool_block: int = 0) -> grain.MapDataset:
+    return records.map_with_index(
+        lambda i, r: builder.image_document(i, r, records, pool_block))
 
 
 def text_documents(records: grain.MapDataset, builder: DocumentBuilder) -> grain.MapDataset:

@@ -1,4 +1,5 @@
-"""File-backed sources: image folder + captions.jsonl, ArrayRecord files, text files.
+"""File-backed sources: image folder + captions.jsonl, edit folder, ArrayRecord files.
+(Sharded web formats and text corpora: data_pipelines/web_sources.py.)
 
 Every line / record becomes exactly one raw record; a record that cannot be read
 becomes a record with `error` set (counted downstream), never an exception. Each
@@ -28,7 +29,7 @@ from typing import Optional
 
 import grain
 
-from data_pipelines.records import EditRecord, ImageCaptionRecord, TextRecord
+from data_pipelines.records import EditRecord, ImageCaptionRecord
 
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_KEYS = ("file", "file_name", "image", "path")  # first present wins
@@ -203,29 +204,3 @@ def array_record_records(pattern: str) -> grain.MapDataset:
     source = grain.sources.ArrayRecordDataSource(_expand(pattern))
     return grain.MapDataset.source(source).map_with_index(
         lambda i, record: decode_image_caption(record, f"{pattern} record {i}"))
-
-
-# --- text: .txt = one document per non-empty line; .jsonl = one object per line ---
-
-def _jsonl_text(line: bytes, key: str, origin: str) -> TextRecord:
-    meta, problem = _json_object(line)
-    if meta is not None and key not in meta:
-        problem = f"no {key!r} key; keys found: {list(meta)}"
-    if problem:
-        return TextRecord(None, error="bad_metadata_line", error_detail=problem, origin=origin)
-    return TextRecord(meta[key], origin=origin)
-
-
-def _text_record(item: tuple[str, int, bytes], jsonl_key: str) -> TextRecord:
-    path, number, line = item
-    origin = f"{os.path.basename(path)} line {number}"
-    if path.endswith(".jsonl"):
-        return _jsonl_text(line, jsonl_key, origin)
-    return TextRecord(line, origin=origin)
-
-
-def text_file_records(pattern: str, jsonl_key: str) -> grain.MapDataset:
-    """All lines of all matching files (held in memory: fine for small corpora)."""
-    items = [(path, number, line) for path in _expand(pattern)
-             for number, line in _numbered_lines(path)]
-    return grain.MapDataset.source(items).map(lambda item: _text_record(item, jsonl_key))

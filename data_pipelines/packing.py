@@ -125,8 +125,10 @@ class PackingIterator(grain.DatasetIterator):
             return "empty_document", ""
         return "", ""
 
-    def _skip(self, reason: str, detail: str) -> None:
+    def _skip(self, reason: str, detail: str, source: str = "") -> None:
         self._counts[f"skipped/{reason}"] += 1
+        if source:
+            self._counts[f"source/{source}/skipped/{reason}"] += 1
         self._outcomes.add_skipped(reason, detail)
 
     def _add(self, index: int, item: DocItem) -> None:
@@ -134,14 +136,16 @@ class PackingIterator(grain.DatasetIterator):
             self._counts[f"repaired/{repair}"] += 1
         doc = item.document
         if doc is None:
-            self._skip(item.skip_reason, item.detail)
+            self._skip(item.skip_reason, item.detail, item.source)
             return
         n, k = document_length(doc, self._p), document_images(doc)
         reason, detail = self._unfit(n, k)
         if reason:
-            self._skip(reason, located(f"document {index}", detail))
+            self._skip(reason, located(f"document {index}", detail), item.source)
             return
         self._counts["documents"] += 1
+        if item.source:
+            self._counts[f"source/{item.source}/documents"] += 1
         self._outcomes.add_usable()
         self._cache[index] = _joined_text(doc)
         if k:

@@ -1,17 +1,19 @@
 """The trainer's entry points: make_train_iterator / make_eval_iterator.
 
-Graph (grain), per split:
+Graph (grain), per split, for each named source of the mixture (data_pipelines/mixture.py:
+by default "image" = data.source and "text" = data.text_source):
 
-  image records --shuffle--repeat--> image documents --\
-                                                        mix(weights) -> [process shard]
-  text records  --shuffle--repeat--> text documents  --/      -> PackingIterDataset (B_local rows)
-                                                              -> mp_prefetch (num_workers)
+  records --shuffle--repeat--> [shard k of n] --> documents (tagged with the name) --\
+  records --shuffle--repeat--> [shard k of n] --> documents ...                     --+
+      mix(document probabilities) -> PackingIterDataset (B_local rows) -> mp_prefetch
 
-Everything before the packer is a MapDataset, so any document is a pure function of
-(config, seed, index); sharding takes every process_count-th document; mp_prefetch
-workers each pack every num_workers-th document of that shard. A given
-(config, process_count, num_workers) therefore always yields the same batches, and
-restored state continues them exactly.
+Shard k of n is process p's grain worker w (k = p + process_count * w, n =
+process_count * num_workers, one worker when num_workers is 0). Random-access sources
+shuffle and shard by record; sharded web sources (data_pipelines/shards.py) shuffle
+and shard by blocks of data.shuffle_block records, so each reader reads 1/n of the
+bytes. Everything before the packer is a MapDataset, so any document is a pure
+function of (config, seed, k, n, index): a given (config, process_count, num_workers)
+always yields the same batches, and restored state continues them exactly.
 
 Nothing is lost silently: every record read is counted (packed, or skipped by
 reason with the first example of each reason), and a packer whose records break
@@ -21,6 +23,8 @@ of `next` (grain re-raises a worker's exception, unchanged, in this process).
 from __future__ import annotations
 
 import collections
+import dataclasses
+import zlib
 from typing import Iterator, Optional
 
 import grain
@@ -29,9 +33,11 @@ import numpy as np
 from data_pipelines.documents import (DocumentBuilder, DocumentOptions, image_documents,
                                       text_documents)
 from data_pipelines.encoders import resolve as resolve_encoder
-from data_pipelines.mixture import mix_streams
+from data_pipelines.mixture import (MixedDocuments, Stream, document_probabilities,
+                                    mixture_entries, shard_of)
 from data_pipelines.packing import EXAMPLES_KEY, STATS_KEY, PackingIterDataset
-from data_pipelines.sources import image_source, text_source
+from data_pipelines.shards import BlockShuffledStream, ShardedView
+from data_pipelines.sources import entry_records
 from data_pipelines.stats import PipelineStats, UsabilityLimits, log_counts
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
 from tfusion.batch import BatchSpec
@@ -56,28 +62,50 @@ def batch_spec(config, process_count: int = 1) -> BatchSpec:
 
 def document_streams(config, split: str, tokenizer: Tokenizer,
                      image_records: Optional[grain.MapDataset] = None,
-                     text_records: Optional[grain.MapDataset] = None):
-    """(image document stream or None, text document stream or None), both infinite.
+                     text_records: Optional[grain.MapDataset] = None
+                     ) -> tuple[list[Stream], dict[str, int]]:
+    """(one infinite Stream per mixture entry, shard problems as log counts
+    {data_<name>_unreadable_shards: n, ...}).
 
-    `image_records` / `text_records` override the configured sources (tests, benchmarks).
+    `image_records` / `text_records` replace the records of the entries named "image"
+    and "text" (tests, benchmarks).
     """
     d = config.data
     builder = DocumentBuilder(tokenizer, DocumentOptions.from_config(config))
-    seed = config.train.seed
-    shuffle = d.shuffle and split == "train"
+    seed, shuffle = config.train.seed, d.shuffle and split == "train"
+    given = {"image": image_records, "text": text_records}
+    streams, problems = [], {}
+    for entry in mixture_entries(d):
+        records = given.get(entry.name)
+        if records is None:
+            records = entry_records(d, entry, split)
+        salt = zlib.crc32(entry.name.encode())
+        if isinstance(records, ShardedView):
+            for kind, shards in (("unreadable", records.base.unreadable_shards),
+                                 ("truncated", records.base.truncated_shards)):
+                if shards:
+                    problems[f"data_{entry.name}_{kind}_shards"] = len(shards)
+            stream = BlockShuffledStream(records, seed * 7919 + salt, shuffle)
+            pool_block = stream.block
+        else:
+            if shuffle:
+                records = records.shuffle(seed=(seed * 7919 + salt) % 2**32)
+            stream, pool_block = records.repeat(), 0  # reshuffled every epoch
+        streams.append(Stream(entry.name, entry.weight,
+                              _documents_of(stream, entry, builder, pool_block)))
+    return streams, problems
 
-    def prepare(records: grain.MapDataset, salt: int) -> grain.MapDataset:
-        if shuffle:
-            records = records.shuffle(seed=(seed * 7919 + salt) % 2**32)
-        return records.repeat()  # reshuffled every epoch
 
-    if image_records is None and d.source != "none":
-        image_records = image_source(d, split)
-    if text_records is None and d.text_source != "none":
-        text_records = text_source(d, split)
-    images = image_documents(prepare(image_records, 1), builder) if image_records else None
-    texts = text_documents(prepare(text_records, 2), builder) if text_records else None
-    return images, texts
+def _documents_of(stream, entry, builder: DocumentBuilder, pool_block: int):
+    name = entry.name
+
+    def documents(k: int, n: int) -> grain.MapDataset:
+        shard = shard_of(stream, k, n)
+        docs = (text_documents(shard, builder) if entry.is_text
+                else image_documents(shard, builder, pool_block))
+        return docs.map(lambda item: dataclasses.replace(item, source=name))
+
+    return documents
 
 
 class PipelineIterator(Iterator[dict]):
@@ -89,8 +117,10 @@ class PipelineIterator(Iterator[dict]):
     """
 
     def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, pad_id: int,
-                 weights: dict, num_batches: Optional[int] = None):
+                 weights: dict, num_batches: Optional[int] = None,
+                 shard_problems: Optional[dict] = None):
         self.spec, self.pad_id, self.mixture_weights = spec, pad_id, weights
+        self._shard_problems = dict(shard_problems or {})
         self._dataset = dataset
         self._it = iter(dataset)
         self._num_batches = num_batches
@@ -123,8 +153,10 @@ class PipelineIterator(Iterator[dict]):
 
     def data_counts(self) -> dict[str, int]:
         """Cumulative counts over the batches returned so far, for the trainer's log:
-        data_records_read, data_skipped_<reason>, data_repaired_<repair>."""
-        return log_counts(self._totals)
+        data_records_read, data_skipped_<reason>, data_repaired_<repair>, the same per
+        mixture entry (data_<name>_records_read, data_<name>_skipped_<reason>), and
+        the shards each entry could not open or read whole (fixed at start-up)."""
+        return {**log_counts(self._totals), **self._shard_problems}
 
     def skip_examples(self) -> dict[str, str]:
         """Skip reason -> where and why its first skipped record failed."""
@@ -153,10 +185,10 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
     d = config.data
     tokenizer = build_tokenizer(config)
     spec = batch_spec(config, process_count)
-    images, texts = document_streams(config, split, tokenizer, image_records, text_records)
-    docs, weights = mix_streams(images, texts, d.text_token_share, d.mixture_probe_docs,
-                                spec.patches_per_image)
-    docs = docs[process_index::process_count]
+    streams, problems = document_streams(config, split, tokenizer, image_records,
+                                         text_records)
+    weights = document_probabilities(streams, d.mixture_probe_docs, spec.patches_per_image)
+    docs = MixedDocuments(streams, weights, process_index, process_count)
     dataset = PackingIterDataset(docs, spec, tokenizer.pad_id, d.packing_open_rows,
                                  d.min_text_chunk, UsabilityLimits.from_config(d))
     workers = d.num_workers if split == "train" else 0
@@ -164,7 +196,7 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
         _ensure_absl_flags_parsed()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=workers, per_worker_buffer_size=d.worker_buffer_size))
-    return PipelineIterator(dataset, spec, tokenizer.pad_id, weights, num_batches)
+    return PipelineIterator(dataset, spec, tokenizer.pad_id, weights, num_batches, problems)
 
 
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1,

@@ -69,6 +69,18 @@ class EditRecord:
 
 
 @dataclasses.dataclass
+class InterleavedRecord:
+    """A web document in reading order: parts ("text", str | bytes) and ("image",
+    encoded bytes | array). Its document is BOS text BOI <image> EOI text ... EOS,
+    every image a diffusion target."""
+
+    parts: Any  # list of (kind, value); None if unreadable
+    error: str = ""
+    error_detail: str = ""
+    origin: str = ""
+
+
+@dataclasses.dataclass
 class TextRecord:
     text: Any  # str or raw bytes
     error: str = ""
@@ -84,6 +96,7 @@ class DocItem:
     skip_reason: str = ""
     repairs: tuple[str, ...] = ()
     detail: str = ""  # skips: which record and what was wrong (see `located`)
+    source: str = ""  # the mixture entry it came from (per-source counts)
 
     @classmethod
     def skipped(cls, reason: str, repairs: tuple[str, ...] = (), detail: str = "") -> "DocItem":

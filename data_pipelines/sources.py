@@ -9,6 +9,11 @@ scenes from another seed.
 data.edit_fraction of the indices) into the shapes pairs, so a fine-tuning run keeps
 seeing what it already does; `edit_folder` reads a folder of real edits.
 `pair_source` is the image-caption part alone (what generation evaluation prompts from).
+
+`webdataset`, `parquet`, `interleaved` and text files (data_pipelines/web_sources.py)
+are sharded files read block by block: they return a shards.ShardedView, which the
+pipeline turns into a block-shuffled stream (data_pipelines/shards.py).
+`entry_records` gives the records of one mixture entry (data_pipelines/mixture.py).
 """
 from __future__ import annotations
 
@@ -19,11 +24,15 @@ import numpy as np
 
 from data_pipelines.builtin_text import digit_caption
 from data_pipelines.file_sources import (array_record_records, edit_folder_records,
-                                        folder_records, text_file_records)
+                                        folder_records)
 from data_pipelines.latents_source import records as latent_records
+from data_pipelines.mixture import Entry, entry_data
 from data_pipelines.records import EditRecord, ImageCaptionRecord, TextRecord
 from data_pipelines.shapes import make_scene, render_scene
 from data_pipelines.shapes_edit import make_edit
+from data_pipelines.shards import ShardedView
+from data_pipelines.web_sources import (interleaved_records, parquet_records, text_records,
+                                        webdataset_records)
 
 SHAPES_WORLD = ("shapes", "shapes_edit")  # sources whose images the shapes detector reads
 
@@ -35,6 +44,8 @@ def _split(records: grain.MapDataset, data, split: str) -> grain.MapDataset:
     if len(records) <= n_eval:
         raise ValueError(f"source has {len(records)} records; data.eval_examples={n_eval} "
                          "leaves none for training")
+    if isinstance(records, ShardedView):
+        return records.split(0, n_eval) if split == "eval" else records.split(n_eval)
     return records[:n_eval] if split == "eval" else records[n_eval:]
 
 
@@ -129,6 +140,13 @@ IMAGE_SOURCES: dict[str, Callable[[object, str], grain.MapDataset]] = {
     "tfds": _tfds,
     "shapes_edit": _shapes_edit,
     "edit_folder": lambda data, split: _split(edit_folder_records(data.data_dir), data, split),
+    "webdataset": lambda data, split: _split(webdataset_records(
+        data.data_dir, data.caption_column, data.shuffle_block), data, split),
+    "parquet": lambda data, split: _split(parquet_records(
+        data.data_dir, data.image_column, data.caption_column, data.shuffle_block), data, split),
+    "interleaved": lambda data, split: _split(interleaved_records(
+        data.data_dir, data.interleaved_texts_column, data.interleaved_images_column,
+        data.shuffle_block), data, split),
     # Latents (and captions) written by launch/encode_latents.py; data.encoder must be
     # "precomputed" and data.encoder_path the directory.
     "precomputed": lambda data, split: latent_records(data.encoder_path, split),
@@ -146,17 +164,36 @@ def pair_source(data, split: str) -> grain.MapDataset:
     return image_source(data, split)
 
 
+def _caption_text(record) -> TextRecord:
+    return TextRecord(record.caption, error=record.error, error_detail=record.error_detail,
+                      origin=record.origin)
+
+
 def text_source(data, split: str) -> grain.MapDataset:
     if data.text_source == "files":
-        return _split(text_file_records(data.text_files, data.text_jsonl_key),
+        return _split(text_records(data.text_files, data.text_column, data.shuffle_block),
                       data, split)
     if data.text_source == "captions":
         if data.source in SHAPES_WORLD:
             return _shapes_captions(data, split)
+        records = image_source(data, split)
+        if isinstance(records, ShardedView):  # read in blocks, shuffled by the pipeline
+            return records.map_records(_caption_text)
         # Captions of another permutation of the same split: reading a record for its
         # caption alone is cheap (images are decoded later, only for image documents).
-        records = image_source(data, split)
-        return records.shuffle(seed=SHAPES_SPLIT_SEEDS[split] + 100).map(
-            lambda r: TextRecord(r.caption, error=r.error, error_detail=r.error_detail,
-                                 origin=r.origin))
+        return records.shuffle(seed=SHAPES_SPLIT_SEEDS[split] + 100).map(_caption_text)
     raise ValueError(f"no text source for data.text_source={data.text_source!r}")
+
+
+def entry_records(data, entry: Entry, split: str) -> grain.MapDataset:
+    """The records of one mixture entry for a split."""
+    d = entry_data(data, entry)
+    if entry.source == "text":
+        with d.unlocked():
+            d.text_source = "files"
+        return text_source(d, split)
+    if entry.source == "captions":
+        with d.unlocked():
+            d.text_source = "captions"
+        return text_source(d, split)
+    return image_source(d, split)

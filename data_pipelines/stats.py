@@ -54,15 +54,21 @@ class PipelineStats:
 
 def log_counts(counts: Mapping[str, int]) -> dict[str, int]:
     """Summed batch counters -> the cumulative counts a trainer logs:
-    data_records_read (packed + skipped), data_skipped_<reason>, data_repaired_<repair>."""
-    out = {"data_records_read": int(counts.get("documents", 0))}
+    data_records_read (packed + skipped), data_skipped_<reason>, data_repaired_<repair>,
+    and per mixture entry data_<name>_records_read, data_<name>_skipped_<reason>."""
+    out = collections.Counter({"data_records_read": int(counts.get("documents", 0))})
     for key, n in counts.items():
         kind, _, name = key.partition("/")
         if kind in ("skipped", "repaired"):
             out[f"data_{kind}_{name}"] = int(n)
             if kind == "skipped":
                 out["data_records_read"] += int(n)
-    return out
+        elif kind == "source":  # source/<entry>/documents | source/<entry>/skipped/<reason>
+            entry, _, what = name.partition("/")
+            out[f"data_{entry}_records_read"] += int(n)
+            if what.startswith("skipped/"):
+                out[f"data_{entry}_skipped_{what[len('skipped/'):]}"] = int(n)
+    return dict(out)
 
 
 @dataclasses.dataclass(frozen=True)
