@@ -177,6 +177,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("shuffle_block", f"must be >= 1, got {d.shuffle_block}")
     if d.source in SHARDED_SOURCES:
         _validate_glob("data_dir", d.data_dir)
+    if d.source == "interleaved" and d.text_source == "captions" and not d.mixture:
+        _fail("text_source", "interleaved records are documents, not captioned images: use "
+                             "'none' or 'files'")
     if d.text_source == "files":
         _validate_glob("text_files", d.text_files)
     if d.mixture:
@@ -222,8 +225,9 @@ def _validate_mixture(config) -> None:
                                           f"{IMAGE_SOURCES[:-1] + TEXT_ENTRY_SOURCES}")
         if entry.source == "text" and not entry.data_dir:
             _fail(f"mixture[{i}].data_dir", "a text entry needs a glob of text shards")
-        if entry.source == "captions" and d.source == "none":
-            _fail(f"mixture[{i}].source", "'captions' reads data.source, which is 'none'")
+        if entry.source == "captions" and d.source in ("none", "interleaved"):
+            _fail(f"mixture[{i}].source", f"'captions' reads the captions of data.source, "
+                                          f"and {d.source!r} has none")
         single = config.copy_and_resolve_references()
         with single.unlocked():
             single.data = entry_data(d, entry)
@@ -232,7 +236,7 @@ def _validate_mixture(config) -> None:
                 single.data.text_source = "files" if entry.source == "text" else "captions"
                 single.data.text_token_share = 1.0
             else:
-                single.data.text_token_share = 0.0
+                single.data.text_source, single.data.text_token_share = "none", 0.0
         try:
             validate_data_config(single)
         except ConfigError as e:

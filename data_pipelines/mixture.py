@@ -32,6 +32,7 @@ from tfusion.batch import document_length
 ENTRY_KEYS = ("name", "source", "data_dir", "weight")
 TEXT_ENTRY_SOURCES = ("text", "captions")
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_NAMES = ("skipped", "repaired")  # data_<name>_... would read as global counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +89,8 @@ def mixture_entries(d) -> list[Entry]:
             if key not in raw:
                 _fail(where, f"needs {key!r} (entries have {ENTRY_KEYS})")
         name, weight = raw["name"], raw["weight"]
-        if not isinstance(name, str) or not NAME.match(name) or name in names:
+        if (not isinstance(name, str) or not NAME.match(name) or name in names
+                or name in RESERVED_NAMES):
             _fail(f"{where}.name", f"{name!r}: a new lower-case identifier per entry")
         if not isinstance(weight, (int, float)) or weight < 0:
             _fail(f"{where}.weight", f"a token share >= 0, got {weight!r}")

@@ -71,6 +71,29 @@ def open_binary(path: str):
     return fsspec.open(path, "rb").open()
 
 
+def open_binary_write(path: str):
+    """A binary file object writing `path`, local or remote (parents created)."""
+    protocol = _protocol(path)
+    if not protocol:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return open(path, "wb")
+    if protocol in EPATH_PROTOCOLS:
+        from etils import epath
+
+        target = epath.Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target.open("wb")
+    import fsspec
+
+    return fsspec.open(path, "wb", auto_mkdir=True).open()
+
+
+def is_remote(path: str) -> bool:
+    return bool(_protocol(path))
+
+
 def expand(patterns: str) -> list[str]:
     """Sorted paths matching a glob, or several comma-separated globs (each must
     match something: a typo is an error, not an empty source)."""

@@ -11,6 +11,13 @@ data_pipelines/latents_source.py. Process P encodes the P-th contiguous slice of
 each split, so running N copies (one per host) covers the set and keeps its order.
 Train with data.source=data.encoder="precomputed", data.encoder_path=DIR. A bad
 config field or weights directory exits with an `error: ...` message, no traceback.
+
+Every image-caption source reads here, the sharded ones (webdataset, parquet; local
+or remote) included: a process reads its slice in order, block by block. Records that
+cannot be used are written with their error and counted when training reads them.
+Interleaved documents and edits are not image-caption pairs and are refused. An --out
+with a protocol (gs://, s3://, memory://...) is written locally first, then copied
+there file by file; the `precomputed` source reads a local copy.
 """
 from __future__ import annotations
 
@@ -125,6 +132,19 @@ def encode_to_directory(config, out: str, splits=("train", "eval"), num_examples
         raise ConfigError("data.encoder_path", "needs the autoencoder weights directory")
     if d.source in ("none", "precomputed"):
         raise ConfigError("data.source", f"{d.source!r} has no images to encode")
+    if d.source in ("interleaved", "shapes_edit", "edit_folder"):
+        raise ConfigError("data.source", f"{d.source!r} records are documents with several "
+                                         "images, not the image-caption pairs latents store")
+    from data_pipelines.shards import is_remote
+
+    if is_remote(out):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as local:
+            stats = encode_to_directory(config, local, splits, num_examples, batch_size,
+                                        process_index, process_count)
+            _upload(local, out)
+        return stats
     model = diffusers_weights.load_pretrained(d.encoder_path)
     encode = batch_encoder(model)
     counts, start, encoded = {}, time.time(), 0
@@ -146,6 +166,17 @@ def encode_to_directory(config, out: str, splits=("train", "eval"), num_examples
     elapsed = time.time() - start
     return {"encoded": encoded, "seconds": elapsed, "images_per_s": encoded / elapsed,
             "counts": counts}
+
+
+def _upload(local: str, remote: str) -> None:
+    from data_pipelines.shards import open_binary_write
+
+    for directory, _, files in os.walk(local):
+        for name in files:
+            path = os.path.join(directory, name)
+            target = remote.rstrip("/") + "/" + os.path.relpath(path, local)
+            with open(path, "rb") as src, open_binary_write(target) as dst:
+                dst.write(src.read())
 
 
 def main(argv) -> None:

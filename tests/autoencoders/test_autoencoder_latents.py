@@ -151,3 +151,37 @@ def test_vq_encoder_writes_token_ids(tmp_path):
     record = latents_source.records(str(tmp_path / "ids"), "eval")[0]
     assert record.latent.shape == (8, 8, 1) and record.latent.dtype == np.int32
     assert record.latent.max() < 16
+
+
+def test_webdataset_shards_encode_locally_and_to_a_remote_directory(tmp_path):
+    """A sharded source encodes through the same path; a remote --out (fsspec memory://)
+    receives the same bytes as a local one; unusable samples are written with their
+    error; interleaved documents are refused."""
+    import fsspec
+
+    from launch.encode_latents import encode_to_directory
+    from tests.helpers import web_shards
+
+    weights = str(tmp_path / "vae")
+    save_pretrained(AutoencoderKL(TINY, rngs=nnx.Rngs(0)), weights)
+    (tmp_path / "wds").mkdir()
+    outcomes = web_shards.write_webdataset(tmp_path / "wds", shards=2, per_shard=8)
+    config = _config(weights, tmp_path)
+    config.data.update(source="webdataset", data_dir=str(tmp_path / "wds" / "*.tar"),
+                       eval_examples=4, shuffle_block=4)
+    local = tmp_path / "local"
+    stats = encode_to_directory(config, str(local), batch_size=4)
+    assert stats["counts"] == {"train": 12, "eval": 4}
+    encode_to_directory(config, "memory://latents/run1", batch_size=4)
+    fs = fsspec.filesystem("memory")
+    for path in local.rglob("*"):
+        if path.is_file():
+            remote = f"/latents/run1/{path.relative_to(local)}"
+            assert fs.cat(remote) == path.read_bytes(), remote
+    records = latents_source.records(str(local), "train")
+    errors = [records[i].error for i in range(len(records))]
+    expected = [o if o else "" for o in outcomes[4:]]
+    assert errors == expected  # decode faults (corrupt_image) as prepare_image names them
+    config.data.source = "interleaved"
+    with pytest.raises(ConfigError, match="data.source"):
+        encode_to_directory(config, str(tmp_path / "x"))

@@ -239,6 +239,27 @@ def test_bad_mixtures_fail_at_start_up_naming_the_field(shards, tok_dir, mixture
         validate_data_config(c)
 
 
+def test_interleaved_has_no_captions_to_read_as_text(shards, tok_dir):
+    c = _config(tok_dir, "interleaved", shards["interleaved"][0], text_source="captions")
+    with pytest.raises(ConfigError, match=r"data\.text_source"):
+        validate_data_config(c)
+
+
+def test_console_summary_names_each_source(shards, tok_dir):
+    from tfusion.train.metrics import data_summary
+
+    c = _config(tok_dir, "webdataset", shards["webdataset"][0])
+    c.data.mixture = _mixture_json(shards)
+    it = make_train_iterator(c)
+    next(it)
+    counts = it.data_counts()
+    line = data_summary(counts)
+    for name in ("web", "hf", "docs", "corpus"):
+        read = counts[f"data_{name}_records_read"]
+        assert f"{name} {read:,} read" in line
+    assert "web" in line and "1 shard unreadable, 1 shard truncated" in line
+
+
 def test_missing_shards_fail_at_start_up(tok_dir, tmp_path):
     c = _config(tok_dir, "parquet", str(tmp_path / "*.parquet"))
     with pytest.raises(ConfigError, match=r"data\.data_dir.*no files match"):

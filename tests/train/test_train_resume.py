@@ -1,6 +1,9 @@
 """Exact resume through the real CLI and data pipeline: a run killed with SIGKILL, or
 stopped with SIGTERM (preemption), then restarted in the same workdir, produces the
-same per-step losses and the same final parameters and EMA as an uninterrupted run."""
+same per-step losses and the same final parameters and EMA as an uninterrupted run.
+The runs read a mixture (data.mixture): procedural shapes, webdataset shards and a
+streaming text corpus, so the block-read sources' state resumes exactly too."""
+import json
 import os
 import signal
 import subprocess
@@ -22,10 +25,32 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform
 pytestmark = pytest.mark.slow
 
 
+_MIXTURE: list[str] = []  # the data flags, set by the module's `mixture` fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mixture(tmp_path_factory):
+    from tests.helpers import web_shards
+
+    root = tmp_path_factory.mktemp("mixture_data")
+    (root / "wds").mkdir()
+    (root / "text").mkdir()
+    web_shards.write_webdataset(root / "wds")
+    web_shards.write_text_shards(root / "text")
+    entries = [{"name": "shapes", "source": "shapes", "weight": 0.4},
+               {"name": "web", "source": "webdataset", "data_dir": f"{root}/wds/*.tar",
+                "weight": 0.3, "eval_examples": 2, "shuffle_block": 4},
+               {"name": "corpus", "source": "text", "data_dir": f"{root}/text/*",
+                "weight": 0.3, "eval_examples": 2, "shuffle_block": 4}]
+    _MIXTURE[:] = [f"--config.data.mixture={json.dumps(entries)}"]
+    yield
+    _MIXTURE.clear()
+
+
 def _command(workdir):
     return [sys.executable, "-m", "launch.train", "--config=experiments/registry.py:shapes_tiny",
             f"--workdir={workdir}", *TINY_CLI_OVERRIDES, f"--config.train.steps={STEPS}",
-            "--config.train.log_every=1", "--config.train.checkpoint_every=3"]
+            "--config.train.log_every=1", "--config.train.checkpoint_every=3", *_MIXTURE]
 
 
 def _run(workdir):
@@ -88,6 +113,9 @@ def reference(tmp_path_factory):
 def _assert_same_run(workdir, reference):
     ref_losses, ref_params = reference
     losses = read_losses(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["data_web_records_read"] > 0 and last["data_corpus_records_read"] > 0
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert [losses[s] for s in sorted(losses)] == [ref_losses[s] for s in sorted(losses)]
     for a, b in zip(_final_params(workdir), ref_params):

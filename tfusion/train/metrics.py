@@ -17,8 +17,11 @@ CONSOLE_KEYS = ("loss", "loss_lm", "loss_diffusion", "grad_norm", "lr", "tokens_
                 "image_caption_gap", "caption_image_gap")
 
 # Cumulative data counters from the input pipeline (tfusion/train/feed.py):
-# data_records_read, data_skipped_<reason>, data_repaired_<reason>.
+# data_records_read, data_skipped_<reason>, data_repaired_<reason>, and per source of
+# the mixture data_<name>_records_read, data_<name>_skipped_<reason>,
+# data_<name>_unreadable_shards, data_<name>_truncated_shards.
 DATA_PREFIX = "data_"
+_READ_SUFFIX = "_records_read"
 
 
 def _by_reason(counts: dict, kind: str) -> dict:
@@ -38,7 +41,24 @@ def data_summary(counts: dict) -> str:
             parts.append(f"{kind} {sum(reasons.values()):,} ({detail})")
         else:
             parts.append(f"{kind} 0")
+    sources = sorted(k[len(DATA_PREFIX):-len(_READ_SUFFIX)] for k in counts
+                     if k.startswith(DATA_PREFIX) and k.endswith(_READ_SUFFIX)
+                     and k != DATA_PREFIX + "records_read")
+    if sources:
+        parts.append("per source: " + ", ".join(_source_summary(counts, s) for s in sources))
     return "; ".join(parts)
+
+
+def _source_summary(counts: dict, source: str) -> str:
+    """"web 800 read, 12 skipped, 1 shard unreadable"."""
+    prefix = f"{DATA_PREFIX}{source}_"
+    skipped = sum(int(v) for k, v in counts.items() if k.startswith(prefix + "skipped_"))
+    text = f"{source} {int(counts[prefix + 'records_read']):,} read, {skipped:,} skipped"
+    for kind in ("unreadable", "truncated"):
+        n = int(counts.get(f"{prefix}{kind}_shards", 0))
+        if n:
+            text += f", {n} shard{'s' if n > 1 else ''} {kind}"
+    return text
 
 
 def _format(key: str, value) -> str:
