@@ -17,9 +17,9 @@ patches; seq_len 4096, 15 image slots, 4 rows per batch):
 records/s and MB/s count shard bytes per record read (mean file bytes per record),
 timed after the first batch.
 
-Memory: peak RSS of a process that indexes a text corpus of 16 .jsonl shards and
-reads 50 batches from it, for a 20 MB and a `memory_gb` corpus (each in its own
-process; ru_maxrss).
+Memory: peak RSS (ru_maxrss) and RSS after the batches of a process that indexes a
+text corpus of 16 .jsonl shards and reads 50 batches from it, for a 20 MB and a
+`memory_gb` corpus (each in its own process), and the index's own bytes.
 
 What a v5p host needs for transfusion_0.16B (derivation in the result's
 `v5p_host_need`): the step's analytic FLOPs (benchmarks/results/compile/, AOT on
@@ -203,10 +203,17 @@ import json, resource, sys
 sys.path.insert(0, {repo!r})
 from benchmarks.data_sources import _config
 from data_pipelines import make_train_iterator
+from data_pipelines.web_sources import text_records
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+before = rss_mb()
 it = make_train_iterator(_config("text", {pattern!r}))
 for _ in range(50):
     next(it)
 print(json.dumps({{"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_pipeline_mb": before, "rss_after_50_batches_mb": rss_mb(),
+                  "index_bytes": text_records({pattern!r}, "text", 64).base.index_bytes(),
                   "records_read": it.data_counts()["data_records_read"]}}))
 """
 
@@ -230,6 +237,8 @@ def memory(root: str, gigabytes: float) -> dict:
         subprocess.run(["rm", "-rf", directory], check=True)
     labels = list(out)
     out["rss_difference_mb"] = out[labels[1]]["max_rss_mb"] - out[labels[0]]["max_rss_mb"]
+    out["rss_after_difference_mb"] = (out[labels[1]]["rss_after_50_batches_mb"]
+                                      - out[labels[0]]["rss_after_50_batches_mb"])
     return out
 
 

@@ -89,8 +89,9 @@ def data_config() -> ml_collections.ConfigDict:
     # --- text-only source ---
     c.text_source = "captions"  # "captions": captions of the image source as plain text;
     #                             "files": text corpus at text_files; "none"
-    # Glob(s) of .txt (a document per non-empty line), .jsonl, .jsonl.gz or .parquet
-    # shards, read block by block (memory does not grow with the corpus).
+    # Glob(s) of .txt (a document per non-empty line), .jsonl, .jsonl.gz, .parquet or
+    # pre-tokenized .array_record shards (web_sources.write_token_shard), read block by
+    # block (memory does not grow with the corpus).
     c.text_files = ""
     c.text_column = "text"  # .jsonl key / .parquet column holding the document text
     # --- many sources (data_pipelines/mixture.py) ---
@@ -262,7 +263,8 @@ def _validate_edits(config) -> None:
     if d.source == "edit_folder":
         import os
         from data_pipelines.file_sources import EDITS_FILE
-        if not os.path.isfile(os.path.join(d.data_dir, EDITS_FILE)):
+        from data_pipelines.shards import exists
+        if not exists(os.path.join(d.data_dir, EDITS_FILE)):
             _fail("data_dir", f"{d.data_dir} has no {EDITS_FILE} (the edit_folder layout)")
 
 

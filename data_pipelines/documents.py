@@ -209,14 +209,27 @@ class DocumentBuilder:
         return (flat + self.opt.image_token_offset).tolist()
 
     def text_document(self, record: TextRecord) -> DocItem:
+        """BOS text EOS; a pre-tokenized record (an int array) is used as its ids."""
         try:
             if record.error:
                 raise BadRecord(record.error, record.error_detail)
-            text, repairs = clean_text(record.text, "empty_text")
+            if isinstance(record.text, np.ndarray):
+                ids, repairs = self._token_ids(record.text), ()
+            else:
+                text, repairs = clean_text(record.text, "empty_text")
+                ids = self.tok.encode(text)
         except BadRecord as e:
             return _skipped(e, record)
-        ids = [self.tok.bos_id] + self.tok.encode(text) + [self.tok.eos_id]
+        ids = [self.tok.bos_id] + list(ids) + [self.tok.eos_id]
         return DocItem(document=[np.asarray(ids, np.int32)], repairs=repairs)
+
+    def _token_ids(self, ids: np.ndarray) -> np.ndarray:
+        if not ids.size:
+            raise BadRecord("empty_text")
+        if ids.min() < 0 or ids.max() >= self.tok.vocab_size:
+            raise BadRecord("token_id_out_of_range", f"ids in [{ids.min()}, {ids.max()}], the "
+                            f"tokenizer has {self.tok.vocab_size}")
+        return ids
 
 
 def _skipped(error: BadRecord, record, repairs: tuple[str, ...] = ()) -> DocItem:

@@ -17,10 +17,12 @@ Edit folder: `<data_dir>/edits.jsonl`, one JSON object per line,
   {"input": "in/0.png", "instruction": "make the red circle blue", "output": "out/0.png"}
 (image files relative to data_dir), the layout of InstructPix2Pix-style editing sets
 once their images are written out as files.
+
+Folders may be remote (gs://, s3://, any fsspec URL: data_pipelines/shards.py
+open_binary); ArrayRecord files are local (array_record reads local paths).
 """
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -30,6 +32,7 @@ from typing import Optional
 import grain
 
 from data_pipelines.records import EditRecord, ImageCaptionRecord
+from data_pipelines.shards import expand, exists, open_binary
 
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_KEYS = ("file", "file_name", "image", "path")  # first present wins
@@ -39,23 +42,16 @@ PROBE_LINES = 20  # non-empty captions.jsonl lines checked at start-up
 
 def _numbered_lines(path: str) -> list[tuple[int, bytes]]:
     """(1-based line number, line) of every non-empty line."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         lines = f.read().split(b"\n")
     return [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
-
-
-def _expand(pattern: str) -> list[str]:
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise FileNotFoundError(f"no files match {pattern!r}")
-    return paths
 
 
 def _quoted(keys) -> str:
     return ", ".join(repr(k) for k in keys)
 
 
-def _json_object(line: bytes) -> tuple[Optional[dict], str]:
+def json_object(line: bytes) -> tuple[Optional[dict], str]:
     """(object, "") or (None, why the line is not a JSON object)."""
     try:
         value = json.loads(line)
@@ -85,7 +81,7 @@ def _image_name(meta: dict) -> tuple[Optional[str], str]:
 
 def _folder_record(directory: str, number: int, line: bytes) -> ImageCaptionRecord:
     where = f"{CAPTIONS_FILE} line {number}"
-    meta, problem = _json_object(line)
+    meta, problem = json_object(line)
     name, problem = _image_name(meta) if meta is not None else (None, problem)
     if name is None:
         return ImageCaptionRecord(None, None, error="bad_metadata_line", error_detail=problem,
@@ -94,7 +90,7 @@ def _folder_record(directory: str, number: int, line: bytes) -> ImageCaptionReco
     caption = meta[caption_key] if caption_key else None
     origin = f"{name} ({where})"
     try:
-        with open(os.path.join(directory, name), "rb") as f:
+        with open_binary(os.path.join(directory, name)) as f:
             return ImageCaptionRecord(f.read(), caption, origin=origin)
     except OSError as e:
         return ImageCaptionRecord(None, caption, error="missing_image_file",
@@ -109,9 +105,9 @@ def folder_records(directory: str) -> grain.MapDataset:
 
 def _probe_objects(path: str) -> tuple[int, list[dict]]:
     """(non-empty lines read, JSON objects among them) of the first PROBE_LINES lines."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         lines = list(itertools.islice((line for line in f if line.strip()), PROBE_LINES))
-    objects = [meta for meta, _ in map(_json_object, lines) if meta is not None]
+    objects = [meta for meta, _ in map(json_object, lines) if meta is not None]
     return len(lines), objects
 
 
@@ -119,7 +115,7 @@ def folder_problem(directory: str) -> str:
     """Why `directory` cannot serve the folder source, judged from its first
     PROBE_LINES captions.jsonl lines; "" if it can."""
     path = os.path.join(directory, CAPTIONS_FILE)
-    if not os.path.isfile(path):
+    if not exists(path):
         return f"{path} not found (the folder source reads images named in {CAPTIONS_FILE})"
     read, objects = _probe_objects(path)
     if not objects:
@@ -143,7 +139,7 @@ def _read_bytes(directory: str, name) -> tuple[Optional[bytes], str]:
     if not isinstance(name, str):
         return None, f"image entry holds {type(name).__name__}, not a file name"
     try:
-        with open(os.path.join(directory, name), "rb") as f:
+        with open_binary(os.path.join(directory, name)) as f:
             return f.read(), ""
     except OSError as e:
         return None, f"{name}: {type(e).__name__}: {e.strerror}"
@@ -151,7 +147,7 @@ def _read_bytes(directory: str, name) -> tuple[Optional[bytes], str]:
 
 def _edit_record(directory: str, number: int, line: bytes) -> EditRecord:
     where = f"{EDITS_FILE} line {number}"
-    meta, problem = _json_object(line)
+    meta, problem = json_object(line)
     if meta is not None and not all(k in meta for k in EDIT_KEYS):
         meta, problem = None, f"needs keys {_quoted(EDIT_KEYS)}; found {list(meta)}"
     if meta is None:
@@ -166,7 +162,7 @@ def _edit_record(directory: str, number: int, line: bytes) -> EditRecord:
 
 def edit_folder_records(directory: str) -> grain.MapDataset:
     path = os.path.join(directory, EDITS_FILE)
-    if not os.path.isfile(path):
+    if not exists(path):
         raise FileNotFoundError(f"{path} not found (the edit_folder source reads {EDITS_FILE})")
     return grain.MapDataset.source(_numbered_lines(path)).map(
         lambda item: _edit_record(directory, *item))
@@ -201,6 +197,6 @@ def write_array_records(path: str, pairs) -> None:
 
 
 def array_record_records(pattern: str) -> grain.MapDataset:
-    source = grain.sources.ArrayRecordDataSource(_expand(pattern))
+    source = grain.sources.ArrayRecordDataSource(expand(pattern))
     return grain.MapDataset.source(source).map_with_index(
         lambda i, record: decode_image_caption(record, f"{pattern} record {i}"))

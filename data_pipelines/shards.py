@@ -6,6 +6,7 @@ A source here is a list of shard files (a glob, local or remote) in one format:
   parquet    .parquet, read by row group (Hugging Face datasets' layout)
   webdataset .tar as img2dataset writes it: members grouped by key
              (`dir/000123.jpg`, `dir/000123.txt`, `dir/000123.json` = one sample)
+  array_record  .array_record, random access (pre-tokenized text: web_sources.py)
 
 Random access without holding the corpus. Start-up indexes every shard once, reading
 only what locates records: tar headers (the data is seeked over), parquet footers,
@@ -88,6 +89,15 @@ def open_binary_write(path: str):
     import fsspec
 
     return fsspec.open(path, "wb", auto_mkdir=True).open()
+
+
+def exists(path: str) -> bool:
+    """Whether `path` opens for reading (local or remote)."""
+    try:
+        open_binary(path).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def is_remote(path: str) -> bool:
@@ -311,6 +321,35 @@ class TarFormat:
         return items
 
 
+class ArrayRecordFormat:
+    """ArrayRecord files (random access natively; local paths only, as array_record
+    reads them); items are the records' bytes."""
+
+    name = "array_record"
+
+    @staticmethod
+    def _reader(path: str):
+        if is_remote(path):
+            raise OSError("array_record reads local files only")
+        from array_record.python import array_record_module
+
+        return array_record_module.ArrayRecordReader(path)
+
+    def index(self, path: str) -> ShardIndex:
+        reader = self._reader(path)
+        try:
+            return ShardIndex(int(reader.num_records()), np.zeros(0, np.int64))
+        finally:
+            reader.close()
+
+    def read(self, path: str, index: ShardIndex, lo: int, hi: int) -> list:
+        reader = self._reader(path)
+        try:
+            return list(reader.read(lo, hi))
+        finally:
+            reader.close()
+
+
 def format_for(path: str, parquet_columns: tuple[str, ...] = ()):
     """The format of a shard by its name."""
     name = path.lower()
@@ -318,10 +357,12 @@ def format_for(path: str, parquet_columns: tuple[str, ...] = ()):
         return TarFormat()
     if name.endswith(".parquet"):
         return ParquetFormat(parquet_columns)
+    if name.endswith(".array_record"):
+        return ArrayRecordFormat()
     if name.endswith((".txt", ".jsonl", ".json", ".txt.gz", ".jsonl.gz")):
         return LineFormat()
     raise ValueError(f"{shard_name(path)}: unknown shard format (expected .tar, .parquet, "
-                     ".txt, .jsonl or their .gz)")
+                     ".array_record, .txt, .jsonl or their .gz)")
 
 
 # --- the records of all shards ----------------------------------------------------
@@ -477,7 +518,8 @@ class BlockShuffledStream(grain.MapDataset):
     the start, so up to block - 1 records of the first block are read twice per
     epoch), visits the blocks in a seeded order and each block's records in a seeded
     order (shuffle=False: natural order). `shard(k, n)` is the view holding blocks
-    k, k + n, ... of that order, so n readers read disjoint blocks.
+    k, k + n, ... of that order, so n readers read disjoint blocks (with blocks of at
+    most length // n records, so each reader has at least one).
     """
 
     def __init__(self, records: ShardedView, seed: int, shuffle: bool,
@@ -487,7 +529,9 @@ class BlockShuffledStream(grain.MapDataset):
             raise ValueError("a sharded source with no records")
         self.records, self.length = records, len(records)
         self.seed, self.shuffle = seed % 2**32, shuffle
-        self.block = min(records.block, self.length)
+        # Smaller blocks when there are fewer than one per reader (a small eval split
+        # over many processes), so readers still get distinct records.
+        self.block = min(records.block, max(1, self.length // shard_count))
         self.blocks_per_epoch = -(-self.length // self.block)
         self.shard_index, self.shard_count = shard_index, shard_count
 

@@ -1,7 +1,9 @@
 """The web-scale sources: sharded files (data_pipelines/shards.py) -> raw records.
 
   text files   .txt (a document per non-empty line), .jsonl / .jsonl.gz (the
-               `text_column` key of each object), .parquet (the `text_column` column)
+               `text_column` key of each object), .parquet (the `text_column` column),
+               .array_record of pre-tokenized documents (TOKENS_MAGIC + little-endian
+               int32 ids of the run's tokenizer, no BOS/EOS: `write_token_shard`)
   webdataset   .tar shards as img2dataset writes them: per sample key, the image
                member by extension (IMAGE_EXTENSIONS, first present wins) and the
                caption from the `.txt` member or the `caption_column` (then "text")
@@ -20,24 +22,38 @@ with its shard and key, line or row as origin), never an exception.
 from __future__ import annotations
 
 import functools
-import json
+import struct
 from typing import Any, Optional
 
+from data_pipelines.file_sources import json_object
 from data_pipelines.records import ImageCaptionRecord, InterleavedRecord, TextRecord
 from data_pipelines.shards import ShardedRecords, ShardedView, expand, open_binary
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FALLBACK_CAPTION = "text"  # caption column / JSON key tried when caption_column is absent
+TOKENS_MAGIC = b"TFT1"  # a pre-tokenized document: magic, then int32 LE token ids
 
 
-def _json_object(raw: bytes) -> tuple[Optional[dict], str]:
-    try:
-        value = json.loads(raw)
-    except ValueError as e:
-        return None, f"not JSON ({e})"
-    if not isinstance(value, dict):
-        return None, f"not a JSON object but {type(value).__name__}"
-    return value, ""
+def write_token_shard(path: str, documents) -> None:
+    """Writes token-id documents (sequences of ints, no BOS/EOS) as one .array_record
+    shard of the text source."""
+    import numpy as np
+    from array_record.python import array_record_module
+
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    for ids in documents:
+        writer.write(TOKENS_MAGIC + np.asarray(ids, "<i4").tobytes())
+    writer.close()
+
+
+def _token_record(raw: bytes, origin: str) -> TextRecord:
+    import numpy as np
+
+    body = raw[len(TOKENS_MAGIC):]
+    if not raw.startswith(TOKENS_MAGIC) or len(body) % 4:
+        return TextRecord(None, error="bad_token_record", origin=origin,
+                          error_detail=f"{len(raw)} bytes, not {TOKENS_MAGIC!r} + int32 ids")
+    return TextRecord(np.frombuffer(body, "<i4").astype(np.int32), origin=origin)
 
 
 def _is_json_lines(path: str) -> bool:
@@ -52,9 +68,11 @@ def _text_record(item: Any, path: str, origin: str, column: str) -> TextRecord:
             return TextRecord(None, error="missing_text", origin=origin,
                               error_detail=f"column {column!r} is null")
         return TextRecord(item[column], origin=origin)
+    if path.lower().endswith(".array_record"):
+        return _token_record(item, origin)
     if not _is_json_lines(path):
         return TextRecord(item, origin=origin)
-    meta, problem = _json_object(item)
+    meta, problem = json_object(item)
     if meta is not None and column not in meta:
         problem = f"no {column!r} key; keys found: {list(meta)}"
     if problem:
@@ -94,7 +112,7 @@ def _webdataset_record(item, path: str, origin: str, caption_column: str
         return _image_error("missing_image_member", f"members: {sorted(members)}", origin)
     caption = members.get("txt")
     if caption is None and "json" in members:
-        meta, problem = _json_object(members["json"])
+        meta, problem = json_object(members["json"])
         if meta is None:
             return _image_error("bad_metadata_json", problem, origin)
         caption = _caption(meta, caption_column)
@@ -164,7 +182,7 @@ def _interleaved_record(item: Any, path: str, origin: str, texts_column: str,
                         images_column: str) -> InterleavedRecord:
     row = item
     if not isinstance(item, dict):  # a jsonl line
-        row, problem = _json_object(item)
+        row, problem = json_object(item)
         if row is None:
             return _interleaved_error("bad_metadata_line", problem, origin)
     texts, images = row.get(texts_column), row.get(images_column)

@@ -295,3 +295,69 @@ def test_index_is_small(shards):
     assert isinstance(records.base, ShardedRecords)
     # A position per 16 records and a start per shard: bytes, not the corpus.
     assert records.base.index_bytes() <= 8 * (len(records) // 16 + 3 + 4 + 1) + 64
+
+
+def test_image_folder_reads_from_a_remote_filesystem(tok_dir, tmp_path):
+    from tests.helpers.data_fixtures import CORRUPT, data_config_for, write_folder
+
+    local = write_folder(tmp_path, corrupt=CORRUPT)
+    fs = fsspec.filesystem("memory")
+    for path in tmp_path.iterdir():
+        fs.pipe(f"/folder/{path.name}", path.read_bytes())
+    a = make_train_iterator(data_config_for(tok_dir, local))
+    remote = data_config_for(tok_dir, "memory://folder")
+    validate_data_config(remote)
+    b = make_train_iterator(remote)
+    for _ in range(2):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    assert a.data_counts() == b.data_counts() and b.data_counts()["data_skipped_corrupt_image"]
+
+
+def test_pre_tokenized_array_record_text(tok_dir, tmp_path):
+    """Token-id documents in .array_record shards pack as BOS ids EOS, the same rows as
+    the texts they came from; bad records are counted."""
+    from array_record.python import array_record_module
+
+    from data_pipelines.tokenizer import build_tokenizer
+    from data_pipelines.web_sources import write_token_shard
+
+    texts = [web_shards.scene(7000 + i)[1] for i in range(24)]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.txt").write_text("\n".join(texts) + "\n")
+    c = _config(tok_dir, "text", str(tmp_path / "plain" / "*.txt"), shuffle=False)
+    tok = build_tokenizer(c)
+    (tmp_path / "ids").mkdir()
+    write_token_shard(str(tmp_path / "ids" / "a.array_record"), [tok.encode(t) for t in texts])
+    pre = _config(tok_dir, "text", str(tmp_path / "ids" / "*.array_record"), shuffle=False)
+    validate_data_config(pre)
+    a, b = make_train_iterator(c), make_train_iterator(pre)
+    for _ in range(2):
+        x, y = next(a), next(b)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    writer = array_record_module.ArrayRecordWriter(str(tmp_path / "ids" / "b.array_record"),
+                                                   "group_size:1")
+    writer.write(b"plain bytes, no magic")
+    writer.close()
+    write_token_shard(str(tmp_path / "ids" / "c.array_record"), [[5, tok.vocab_size + 3]])
+    records = text_records(str(tmp_path / "ids" / "*.array_record"), "text", BLOCK)
+    assert len(records) == 26 and records[24].error == "bad_token_record"
+    mixed = _config(tok_dir, "text", str(tmp_path / "ids" / "*.array_record"), shuffle=False,
+                    eval_examples=0)
+    it = make_train_iterator(mixed)
+    for _ in range(3):
+        next(it)
+    counts = it.data_counts()
+    assert counts["data_skipped_bad_token_record"] >= 1
+    assert counts["data_skipped_token_id_out_of_range"] >= 1
+
+
+def test_small_splits_still_give_each_reader_distinct_records(shards):
+    pattern, _ = shards["parquet"]
+    view = _records("parquet", pattern, block=16).split(0, 8)  # 8 records, one 16-block
+    stream = BlockShuffledStream(view, seed=0, shuffle=False)
+    readers = [stream.shard(k, 4) for k in range(4)]
+    got = [[r[i].origin for i in range(2)] for r in readers]
+    assert sorted(sum(got, [])) == sorted(view[i].origin for i in range(8))
