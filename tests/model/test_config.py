@@ -110,6 +110,24 @@ def test_image_outputs_are_refused_only_without_a_decoder(family):
         validate_train_config(config)
 
 
+def test_a_final_suite_needing_more_held_out_records_is_refused_at_start_up():
+    """The shapes suite reads 64 held-out captions: an eval split of 16 would end the
+    run with a traceback after its last step; now it is refused before step 0."""
+    from experiments.registry import get_config
+    from tfusion.train.validate import validate_train_config
+
+    config = get_config("shapes_tiny")
+    config.data.eval_examples = 16
+    with pytest.raises(ConfigError, match=r"data\.eval_examples: 16 held-out records, but "
+                                          r"the 'shapes' suite reads 64"):
+        validate_train_config(config)
+    config.train.final_eval_suite = "text"
+    validate_train_config(config)
+    config.data.eval_examples = 64
+    config.train.final_eval_suite = "shapes"
+    validate_train_config(config)
+
+
 def test_diffusion_and_loss_sections_are_typed_and_checked():
     import dataclasses
 

@@ -28,3 +28,19 @@ def source_problem(suite: str, source: str) -> str:
     if applies(suite, source):
         return ""
     return f"the {suite!r} suite reads data.source in {SUITE_SOURCES[suite]}, not {source!r}"
+
+
+# Held-out records a suite reads at the trainer's options (EvalOptions' defaults):
+# the eval split (data.eval_examples records) must hold at least this many.
+SUITE_HELDOUT_RECORDS: dict[str, int] = {"shapes": 64, "fid": 256}
+
+
+def heldout_problem(suite: str, source: str, eval_examples: int) -> str:
+    """Why the eval split is too small for `suite` (or for any suite of 'all' that
+    applies to `source`); "" if it is not."""
+    suites = [s for s in SUITES if applies(s, source)] if suite == "all" else [suite]
+    for name in suites:
+        need = SUITE_HELDOUT_RECORDS.get(name, 0)
+        if eval_examples < need:
+            return (f"{eval_examples} held-out records, but the {name!r} suite reads {need}")
+    return ""

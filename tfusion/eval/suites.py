@@ -46,7 +46,8 @@ from tfusion.eval.edit_scoring import aggregate_edits, score_edit
 from tfusion.eval.heldout import heldout_metrics
 from tfusion.eval.references import heldout_references
 from tfusion.eval.shapes_detector import detect_batch
-from tfusion.eval.suite_sources import SHAPES_WORLD, SUITES, applies, source_problem
+from tfusion.eval.suite_sources import (SHAPES_WORLD, SUITE_HELDOUT_RECORDS, SUITES, applies,
+                                        source_problem)
 from tfusion.eval.shapes_scoring import Claim, aggregate, parse_caption, score_image
 from tfusion.inference.model_sampler import ModelSampler, SamplingSettings, write_grid
 
@@ -55,8 +56,9 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
-    shapes_prompts: int = 64  # held-out captions generated and images captioned
-    fid_samples: int = 256  # generated and real images per FID set
+    # held-out captions generated and images captioned
+    shapes_prompts: int = SUITE_HELDOUT_RECORDS["shapes"]
+    fid_samples: int = SUITE_HELDOUT_RECORDS["fid"]  # generated and real images per FID set
     sampling: SamplingSettings = SamplingSettings()
     fid_features: str = ""  # shapes feature-net file; "" = the cache (trained if missing)
     grid_images: int = 32  # images shown per samples grid

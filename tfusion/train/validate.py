@@ -8,7 +8,7 @@ import jax
 from tfusion import sharding
 from tfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig
 from tfusion.train.optimizer import PARAM_GROUPS
-from tfusion.eval.suite_sources import SUITES, source_problem
+from tfusion.eval.suite_sources import SUITES, heldout_problem, source_problem
 from tfusion.train.warm_start import validate_init_from
 
 
@@ -34,6 +34,11 @@ def validate_train_config(config) -> None:
         # Found now, not after the last step (the suite would raise at the end of training).
         raise ConfigError("train.final_eval_suite", f"{problem}: use 'text' (or 'all': "
                                                     "what applies)")
+    if suite and source and source != "none":
+        problem = heldout_problem(suite, source, config.data.eval_examples)
+        if problem:
+            raise ConfigError("data.eval_examples", f"{problem} (train.final_eval_suite="
+                                                    f"{suite!r}): raise it, or choose another suite")
     needs_pixels = t.sample_every or suite in ("shapes", "fid", "digits", "edit", "all")
     if needs_pixels and config.get("data") and config.data.get("encoder") == "precomputed":
         field = "train.sample_every" if t.sample_every else "train.final_eval_suite"
