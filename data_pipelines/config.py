@@ -117,6 +117,12 @@ def data_config() -> ml_collections.ConfigDict:
     # 0 = 2 * local batch size.
     c.packing_open_rows = 0
     c.min_text_chunk = 16  # text documents are split to fill a row only in chunks >= this
+    # Image capacity: the model runs its modality layers on at most this many images
+    # per row on average (ceil(x * rows) per device and microbatch), not on all
+    # max_images_per_row slots; the packer fills batches to fit (rows that do not fit
+    # wait a batch, counted as data_deferred_image_capacity). 0 = every slot. Must leave
+    # room for a full row: x * rows per unit >= max_images_per_row.
+    c.image_capacity_per_row = 0.0
     # --- throughput ---
     c.shuffle = True  # shuffle records (per epoch, seeded by train.seed)
     c.num_workers = 0  # grain mp_prefetch worker processes; 0 = in-process
@@ -174,6 +180,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         _fail("text_files", "text_source='files' needs a glob of .txt/.jsonl files")
     if d.source in ("folder", "array_record", "edit_folder") + SHARDED_SOURCES and not d.data_dir:
         _fail("data_dir", f"source={d.source!r} needs data_dir")
+    _validate_image_capacity(config)
     if d.shuffle_block < 1:
         _fail("shuffle_block", f"must be >= 1, got {d.shuffle_block}")
     if d.source in SHARDED_SOURCES:
@@ -212,6 +219,16 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     if config.train.batch_size <= 0:
         raise ConfigError("train.batch_size", f"must be positive, got {config.train.batch_size}")
     _validate_against_model(config)
+
+
+def _validate_image_capacity(config) -> None:
+    """The capacity must take a full row into an otherwise empty unit (rows per unit
+    depend on the mesh; the trainer checks the resolved unit again at start-up)."""
+    d = config.data
+    per_row = d.image_capacity_per_row
+    if per_row < 0 or per_row > d.max_images_per_row:
+        _fail("image_capacity_per_row", f"{per_row} outside [0, max_images_per_row="
+                                        f"{d.max_images_per_row}] (0 = every slot)")
 
 
 def _validate_mixture(config) -> None:

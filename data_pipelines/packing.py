@@ -23,6 +23,14 @@ A batch also carries `EXAMPLES_KEY` ({reason: detail of its first record}) when
 skip reasons were seen for the first time since the previous batch; examples are
 strings, so they are not summed with the counters.
 
+Image capacity (data.image_capacity_per_row; `capacity`): the model runs its modality
+layers on at most `per_unit` images per unit of rows (one device's rows of one
+microbatch: `unit_of_row`). A batch then takes closed rows in closing order into the
+unit with the most room left that has a free row and room for the row's images; a row
+that fits no unit waits for the next batch (counted: deferred/image_capacity). Rows
+waiting beyond CAPACITY_BACKLOG batches mean the capacity is below what the data needs:
+UnusableDataError naming the field.
+
 Giving up: every record read (packed or skipped) goes to a stats.RecordOutcomes;
 when `limits` are set and the records break them (e.g. every record is skipped,
 which would otherwise spin forever over a repeating source), `next` raises
@@ -33,25 +41,38 @@ outcomes are part of the state, so a restored packer stops at the same record.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import Any, Optional
 
 import grain
 import numpy as np
 
-from data_pipelines.records import DocItem, located
+from data_pipelines.records import DocItem, UnusableDataError, located
 from data_pipelines.stats import RecordOutcomes, UsabilityLimits
 from tfusion.batch import BatchSpec, assemble_rows, document_images, document_length
 
 STATS_KEY = "__pipeline_stats__"
 EXAMPLES_KEY = "__skip_examples__"
+CAPACITY_BACKLOG = 16  # batches' worth of rows that may wait for image capacity
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCapacity:
+    """Unit of each row position of a batch, and the images a unit may hold."""
+
+    unit_of_row: tuple[int, ...]
+    per_unit: int
+    per_row: float  # data.image_capacity_per_row, for messages
 
 
 class PackingIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.MapDataset, spec: BatchSpec, pad_id: int,
                  open_rows: int = 0, min_text_chunk: int = 16,
-                 limits: Optional[UsabilityLimits] = None):
+                 limits: Optional[UsabilityLimits] = None,
+                 capacity: Optional[ImageCapacity] = None):
         super().__init__(parent)
         self.spec, self.pad_id = spec, pad_id
+        self.capacity = capacity
         self.open_rows = open_rows or 2 * spec.batch_size
         self.min_text_chunk = min_text_chunk
         self.limits = limits  # None: never give up
@@ -92,6 +113,7 @@ class PackingIterator(grain.DatasetIterator):
         self._docs = docs
         self._spec, self._pad_id = options.spec, options.pad_id
         self._max_open, self._min_chunk = options.open_rows, options.min_text_chunk
+        self._capacity = options.capacity
         self._p = options.spec.patches_per_image
         self._next_index = 0
         self._open: list[_Row] = []
@@ -207,9 +229,51 @@ class PackingIterator(grain.DatasetIterator):
             docs.append(doc if document_images(doc) else [doc[0][start:end]])
         return docs
 
+    def _batch_rows(self, final: bool) -> Optional[list]:
+        """The next batch's rows by position, taken out of the closed rows; None if
+        the closed rows cannot fill it yet (final: fill what fits, pad the rest)."""
+        b = self._spec.batch_size
+        if self._capacity is None:
+            if len(self._closed) < b and not final:
+                return None
+            rows, self._closed = self._closed[:b], self._closed[b:]
+            return rows + [_Row() for _ in range(b - len(rows))]
+        units = self._capacity.unit_of_row
+        free = collections.defaultdict(list)  # unit -> free positions
+        for position, unit in enumerate(units):
+            free[unit].append(position)
+        room = {unit: self._capacity.per_unit for unit in free}
+        placed: list = [None] * b
+        taken, last = set(), -1
+        for i, row in enumerate(self._closed):
+            fits = [u for u in free if free[u] and room[u] >= row.images]
+            if fits:
+                unit = max(fits, key=lambda u: (room[u], -u))  # most room, then lowest
+                placed[free[unit].pop(0)] = row
+                room[unit] -= row.images
+                taken.add(i)
+                last = i
+                if len(taken) == b:
+                    break
+        if len(taken) < b and not final:
+            if len(self._closed) > CAPACITY_BACKLOG * b:
+                raise UnusableDataError(self._capacity_report())
+            return None
+        self._counts["deferred/image_capacity"] += sum(1 for i in range(last) if i not in taken)
+        self._closed = [row for i, row in enumerate(self._closed) if i not in taken]
+        return [row if row is not None else _Row() for row in placed]
+
+    def _capacity_report(self) -> str:
+        cap = self._capacity
+        waiting = sum(r.images for r in self._closed)
+        return (f"data.image_capacity_per_row={cap.per_row} cannot carry this data: "
+                f"{len(self._closed)} packed rows holding {waiting} images wait for room "
+                f"(each unit of {cap.unit_of_row.count(0)} rows takes {cap.per_unit} images). "
+                "Raise data.image_capacity_per_row (0 = every slot), or mix in more text.")
+
     def __next__(self) -> dict:
         b = self._spec.batch_size
-        while len(self._closed) < b:
+        while (rows := self._batch_rows(final=False)) is None:
             if self._next_index >= len(self._docs):  # finite input: flush what is left
                 if not self._open and not self._closed and not self._counts:
                     raise StopIteration
@@ -217,13 +281,12 @@ class PackingIterator(grain.DatasetIterator):
                 # all-padding batch if no row is left (finite inputs only).
                 while self._open:
                     self._close(self._open[0])
+                rows = self._batch_rows(final=True)
                 break
             index = self._next_index
             self._next_index += 1
             self._add(index, self._read(index))
             self._outcomes.check()
-        rows, self._closed = self._closed[:b], self._closed[b:]
-        rows += [_Row() for _ in range(b - len(rows))]
         batch = assemble_rows([self._row_documents(r) for r in rows], self._spec, self._pad_id)
         self._counts["batches"] += 1
         self._counts["rows"] += b

@@ -35,12 +35,12 @@ from data_pipelines.documents import (DocumentBuilder, DocumentOptions, image_do
 from data_pipelines.encoders import resolve as resolve_encoder
 from data_pipelines.mixture import (MixedDocuments, Stream, document_probabilities,
                                     mixture_entries, shard_of)
-from data_pipelines.packing import EXAMPLES_KEY, STATS_KEY, PackingIterDataset
+from data_pipelines.packing import EXAMPLES_KEY, STATS_KEY, ImageCapacity, PackingIterDataset
 from data_pipelines.shards import BlockShuffledStream, ShardedView
 from data_pipelines.sources import entry_records
 from data_pipelines.stats import PipelineStats, UsabilityLimits, log_counts
 from data_pipelines.tokenizer import Tokenizer, build_tokenizer
-from tfusion.batch import BatchSpec
+from tfusion.batch import BatchSpec, capacity_per_unit, unit_of_row
 from tfusion.config import is_discrete
 
 
@@ -168,6 +168,26 @@ class PipelineIterator(Iterator[dict]):
             close()
 
 
+def image_capacity(config, process_count: int, image_groups: int) -> Optional[ImageCapacity]:
+    """data.image_capacity_per_row as the packer's per-unit limit: the batch's rows form
+    image_groups device groups (process_count processes hold equal shares), each split
+    into train.grad_accum_steps microbatch units; None when off."""
+    per_row = config.data.get("image_capacity_per_row", 0.0)
+    if not per_row:
+        return None
+    accum = config.train.get("grad_accum_steps", 1)
+    if image_groups % process_count:
+        raise ValueError(f"{image_groups} image groups do not split over {process_count} "
+                         "processes")
+    rows = config.train.batch_size // process_count
+    devices = image_groups // process_count
+    if rows % (devices * accum):
+        raise ValueError(f"{rows} rows per process do not split into {devices} devices x "
+                         f"{accum} microbatches")
+    return ImageCapacity(tuple(unit_of_row(rows, devices, accum)),
+                         capacity_per_unit(per_row, rows // (devices * accum)), per_row)
+
+
 def _ensure_absl_flags_parsed() -> None:
     # grain's mp_prefetch reads absl flags; a trainer that is not an absl app has
     # not parsed them, and reading unparsed flags raises.
@@ -178,8 +198,8 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 def _make_iterator(config, split: str, process_index: int, process_count: int,
-                   num_batches: Optional[int], image_records=None, text_records=None
-                   ) -> PipelineIterator:
+                   num_batches: Optional[int], image_records=None, text_records=None,
+                   image_groups: int = 1) -> PipelineIterator:
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} outside [0, {process_count})")
     d = config.data
@@ -190,7 +210,8 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
     weights = document_probabilities(streams, d.mixture_probe_docs, spec.patches_per_image)
     docs = MixedDocuments(streams, weights, process_index, process_count)
     dataset = PackingIterDataset(docs, spec, tokenizer.pad_id, d.packing_open_rows,
-                                 d.min_text_chunk, UsabilityLimits.from_config(d))
+                                 d.min_text_chunk, UsabilityLimits.from_config(d),
+                                 image_capacity(config, process_count, image_groups))
     workers = d.num_workers if split == "train" else 0
     if workers > 0:
         _ensure_absl_flags_parsed()
@@ -200,15 +221,19 @@ def _make_iterator(config, split: str, process_index: int, process_count: int,
 
 
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                        image_records=None, text_records=None) -> PipelineIterator:
-    """Infinite iterator of this process's batches (train.batch_size // process_count rows)."""
+                        image_records=None, text_records=None,
+                        image_groups: int = 1) -> PipelineIterator:
+    """Infinite iterator of this process's batches (train.batch_size // process_count
+    rows). image_groups: the mesh's batch shards, the device groups of
+    data.image_capacity_per_row (the trainer passes it)."""
     return _make_iterator(config, "train", process_index, process_count, None,
-                          image_records, text_records)
+                          image_records, text_records, image_groups)
 
 
 def make_eval_iterator(config, *, process_index: int = 0, process_count: int = 1,
-                       image_records=None, text_records=None) -> PipelineIterator:
+                       image_records=None, text_records=None,
+                       image_groups: int = 1) -> PipelineIterator:
     """Held-out split, unshuffled, in-process: exactly data.eval_batches batches, the
     same ones on every call."""
     return _make_iterator(config, "eval", process_index, process_count,
-                          config.data.eval_batches, image_records, text_records)
+                          config.data.eval_batches, image_records, text_records, image_groups)

@@ -55,11 +55,12 @@ class PipelineStats:
 def log_counts(counts: Mapping[str, int]) -> dict[str, int]:
     """Summed batch counters -> the cumulative counts a trainer logs:
     data_records_read (packed + skipped), data_skipped_<reason>, data_repaired_<repair>,
-    and per mixture entry data_<name>_records_read, data_<name>_skipped_<reason>."""
+    data_deferred_image_capacity (rows that waited a batch for image capacity), and
+    per mixture entry data_<name>_records_read, data_<name>_skipped_<reason>."""
     out = collections.Counter({"data_records_read": int(counts.get("documents", 0))})
     for key, n in counts.items():
         kind, _, name = key.partition("/")
-        if kind in ("skipped", "repaired"):
+        if kind in ("skipped", "repaired", "deferred"):  # deferred: rows waiting a batch
             out[f"data_{kind}_{name}"] = int(n)
             if kind == "skipped":
                 out["data_records_read"] += int(n)

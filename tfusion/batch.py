@@ -21,6 +21,7 @@ packer and by tests alike.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence, Union
 
 import numpy as np
@@ -61,6 +62,20 @@ class BatchSpec:
             "image_start": ((b, m), np.dtype(np.int32)),
             "image_t_max": ((b, m), np.dtype(np.int32)),
         }
+
+
+def capacity_per_unit(images_per_row: float, unit_rows: int) -> int:
+    """Images the modality layers run on for a unit of `unit_rows` rows at an average
+    capacity of `images_per_row` (data.image_capacity_per_row): ceil of the product."""
+    return math.ceil(images_per_row * unit_rows - 1e-9)
+
+
+def unit_of_row(process_rows: int, devices: int, accum: int) -> list[int]:
+    """For each of a process's rows, the capacity unit it belongs to: rows are split
+    over the process's `devices` (consecutive blocks) and each device's rows over
+    `accum` microbatches (every accum-th row: tfusion.train.step.split_microbatches)."""
+    per_device = process_rows // devices
+    return [(r // per_device) * accum + (r % per_device) % accum for r in range(process_rows)]
 
 
 # Rank of every contract array (fixed by the contract, whatever the sizes).

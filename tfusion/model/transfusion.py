@@ -12,8 +12,18 @@ Forward (training and full-sequence evaluation):
 
 The paper's `linear` modality layers are here (patchify, add an embedding of t, one
 linear in; one linear out, unpatchify); the U-Net ones are in tfusion/model/unet.py.
+
+Image capacity (`ImageCapacity`, data.image_capacity_per_row): the modality layers
+run on the images present, not on all B x M slots. The batch's rows form `groups`
+equal groups of consecutive rows (one per batch shard: each device compacts its own
+rows, no communication); in each, the first `per_group` present slots (in slot order)
+are gathered, encoded and decoded, and the results scattered back; empty slots get
+zeros. The input pipeline packs at most `per_group` images into each group, so no
+image is ever left out (a batch holding more would be a contract violation).
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +86,55 @@ def linear_flops_per_image(cfg: ModelConfig) -> int:
     return 2 * 2 * cfg.patches_per_image * cfg.patch_dim * cfg.width
 
 
+class ImageCapacity(NamedTuple):
+    """The rows form `groups` groups of consecutive rows, each holding at most
+    `per_group` images: the modality layers run on groups x per_group images."""
+
+    groups: int
+    per_group: int
+
+
+class ActiveSlots(NamedTuple):
+    """Which slots the modality layers run on: `order` [G, per_group] slot indices
+    within each group's flattened (rows x M) slots, present ones first in slot order."""
+
+    order: jax.Array
+    slots_per_group: int
+
+
+def active_slots(image_mask: jax.Array, capacity: ImageCapacity) -> ActiveSlots:
+    b, m = image_mask.shape
+    if b % capacity.groups:
+        raise ValueError(f"{b} rows do not split into {capacity.groups} image groups")
+    per_group = b // capacity.groups * m
+    if capacity.per_group > per_group:
+        raise ValueError(f"image capacity {capacity.per_group} exceeds the group's "
+                         f"{per_group} slots")
+    present = image_mask.reshape(capacity.groups, per_group)
+    # Stable: present slots first, in slot order; the tail (absent) is never read.
+    order = jnp.argsort(~present, axis=1, stable=True)[:, :capacity.per_group]
+    return ActiveSlots(order.astype(jnp.int32), per_group)
+
+
+def gather_slots(x: jax.Array, active: ActiveSlots) -> jax.Array:
+    """[B, M, ...] -> the active slots' [G * per_group, ...], grouped like `active`."""
+    g, c = active.order.shape
+    grouped = x.reshape(g, active.slots_per_group, *x.shape[2:])
+    idx = active.order.reshape(g, c, *([1] * (x.ndim - 2)))
+    out = jnp.take_along_axis(grouped, idx, axis=1)
+    out = constrain(out, ("activation_batch",) + (None,) * (out.ndim - 1))
+    return out.reshape(g * c, *x.shape[2:])
+
+
+def scatter_slots(y: jax.Array, active: ActiveSlots, rows: int, m: int) -> jax.Array:
+    """The active slots' [G * per_group, ...] -> [rows, M, ...], zeros elsewhere."""
+    g, c = active.order.shape
+    y = y.reshape(g, c, *y.shape[1:])
+    out = jnp.zeros((g, active.slots_per_group, *y.shape[2:]), y.dtype)
+    out = jax.vmap(lambda o, idx, v: o.at[idx].set(v))(out, active.order, y)
+    return out.reshape(rows, m, *y.shape[2:])
+
+
 def make_image_layers(cfg: ModelConfig, rngs: nnx.Rngs):
     if cfg.modality_layer == "linear":
         return LinearPatchEncoder(cfg, rngs=rngs), LinearPatchDecoder(cfg, rngs=rngs)
@@ -119,20 +178,30 @@ class Transfusion(nnx.Module):
             out = jnp.where(ids < self.cfg.vocab_size, out, PAD_LOGIT)
         return out
 
-    def encode_images(self, latents: jax.Array, t: jax.Array):
+    def encode_images(self, latents: jax.Array, t: jax.Array,
+                      active: Optional[ActiveSlots] = None):
         """latents [B, M, H, W, C], model times t [B, M] (float; the ddpm step, or flow
-        t * (T - 1)) -> (patch embeddings [B, M, P, D], skips)."""
+        t * (T - 1)) -> (patch embeddings [B, M, P, D], skips). With `active`, only
+        those slots are encoded (zeros elsewhere) and the skips are theirs."""
         b, m = latents.shape[:2]
-        emb, skips = self.image_encoder(latents.reshape(b * m, *latents.shape[2:]),
-                                        t.reshape(b * m))
-        return emb.reshape(b, m, *emb.shape[1:]), skips
+        if active is None:
+            emb, skips = self.image_encoder(latents.reshape(b * m, *latents.shape[2:]),
+                                            t.reshape(b * m))
+            return emb.reshape(b, m, *emb.shape[1:]), skips
+        emb, skips = self.image_encoder(gather_slots(latents, active), gather_slots(t, active))
+        return scatter_slots(emb, active, b, m), skips
 
-    def decode_images(self, hidden: jax.Array, skips, t: jax.Array) -> jax.Array:
-        """hidden [B, M, P, D] -> the image prediction [B, M, H, W, C] (float32)."""
+    def decode_images(self, hidden: jax.Array, skips, t: jax.Array,
+                      active: Optional[ActiveSlots] = None) -> jax.Array:
+        """hidden [B, M, P, D] -> the image prediction [B, M, H, W, C] (float32); with
+        `active`, decoded at those slots only (zeros elsewhere)."""
         b, m = hidden.shape[:2]
-        eps = self.image_decoder(hidden.reshape(b * m, *hidden.shape[2:]), skips,
-                                 t.reshape(b * m))
-        return eps.reshape(b, m, *eps.shape[1:])
+        if active is None:
+            eps = self.image_decoder(hidden.reshape(b * m, *hidden.shape[2:]), skips,
+                                     t.reshape(b * m))
+            return eps.reshape(b, m, *eps.shape[1:])
+        eps = self.image_decoder(gather_slots(hidden, active), skips, gather_slots(t, active))
+        return scatter_slots(eps, active, b, m)
 
     def mask_info(self, segment_ids, image_index) -> attention.MaskInfo:
         return attention.MaskInfo.from_batch(
@@ -167,16 +236,21 @@ class Transfusion(nnx.Module):
 
     # --- full forward ---
 
-    def __call__(self, batch: dict, noisy_images: jax.Array, t: jax.Array):
-        """batch: contract arrays; noisy_images [B, M, H, W, C]; model times t [B, M].
+    def __call__(self, batch: dict, noisy_images: jax.Array, t: jax.Array,
+                 capacity: Optional[ImageCapacity] = None):
+        """batch: contract arrays; noisy_images [B, M, H, W, C]; model times t [B, M];
+        capacity: run the modality layers on at most that many images per row group
+        (None: on every slot).
 
         Returns (logits float32 [B, L, V], image prediction float32 [B, M, H, W, C]).
         """
-        patch_emb, skips = self.encode_images(noisy_images, t)
+        active = None if capacity is None else active_slots(batch["image_mask"], capacity)
+        patch_emb, skips = self.encode_images(noisy_images, t, active)
         x = self.mix_inputs(batch["tokens"], batch["image_index"], patch_emb)
         ctx = self.context(batch["positions"],
                            self.mask_info(batch["segment_ids"], batch["image_index"]))
         hidden, _ = self.backbone(x, ctx)
         hidden = self.final_norm(hidden)
-        eps = self.decode_images(self.gather_image_hidden(hidden, batch["image_start"]), skips, t)
+        eps = self.decode_images(self.gather_image_hidden(hidden, batch["image_start"]), skips,
+                                 t, active)
         return self.logits(hidden), eps

@@ -163,7 +163,9 @@ class Trainer:
         graphdef, _ = abstract_model(config.model)
         # One noise process for the objective and the held-out diagnostics.
         process = diffusion.NoiseProcess(config.diffusion)
-        self.objective = Objective(graphdef, config, process)
+        # Rows are sharded over data x fsdp: each device's rows are one image group.
+        self.image_groups = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.objective = Objective(graphdef, config, process, self.image_groups)
         train_step = step_lib.make_train_step(self.objective, self.tx, self.schedule,
                                               t.grad_accum_steps, self.mesh, self.table,
                                               ema_decay=float(t.get("ema_decay", 0.0)))
@@ -184,8 +186,11 @@ class Trainer:
     # --- set-up ---
 
     def _iterator(self, fn):
+        kwargs = {}
+        if self.objective.images_per_unit:  # the pipeline packs to the model's capacity
+            kwargs["image_groups"] = self.image_groups
         return fn(self.config, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+                  process_count=jax.process_count(), **kwargs)
 
     def restore_or_init(self, data_iterator):
         """The newest checkpoint's state (in this mesh's shardings) or a fresh state."""

@@ -41,6 +41,9 @@ def data_summary(counts: dict) -> str:
             parts.append(f"{kind} {sum(reasons.values()):,} ({detail})")
         else:
             parts.append(f"{kind} 0")
+    deferred = int(counts.get(DATA_PREFIX + "deferred_image_capacity", 0))
+    if deferred:
+        parts.append(f"rows deferred for image capacity {deferred:,}")
     sources = sorted(k[len(DATA_PREFIX):-len(_READ_SUFFIX)] for k in counts
                      if k.startswith(DATA_PREFIX) and k.endswith(_READ_SUFFIX)
                      and k != DATA_PREFIX + "records_read")

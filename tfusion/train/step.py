@@ -21,17 +21,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from flax import nnx
 
 from tfusion import diffusion, losses, sharding
+from tfusion.batch import capacity_per_unit
 from tfusion.config import LossConfig, image_token_offset
+from tfusion.model.transfusion import ImageCapacity
 from tfusion.train.state import step_key
 
 class Objective:
     """Binds the static parts (graphdef, noise process, weights) of the Transfusion loss."""
 
     def __init__(self, graphdef: nnx.GraphDef, config,
-                 process: diffusion.NoiseProcess | None = None):
+                 process: diffusion.NoiseProcess | None = None, image_groups: int = 1):
         """process: the run's noise process (built from config.diffusion if None); the
-        trainer builds it once and shares it with held-out evaluation."""
+        trainer builds it once and shares it with held-out evaluation. image_groups: the
+        batch shards (mesh data x fsdp), the row groups of data.image_capacity_per_row."""
         self.graphdef = graphdef
+        self.image_groups = image_groups
+        # Images per group of one device's rows of one microbatch (the unit the input
+        # pipeline packs to); 0 = the modality layers run on every slot.
+        self.images_per_unit = image_capacity_per_unit(config, image_groups)
+        self.unit_rows = (config.train.batch_size // (image_groups * config.train.grad_accum_steps)
+                          if self.images_per_unit else 0)
         self.process = process or diffusion.NoiseProcess(config.diffusion)
         self.diffusion_weight = float(config.diffusion.loss_weight)
         # A config without a loss section (data-only examples) gets LossConfig's defaults.
@@ -43,11 +52,24 @@ class Objective:
         """Time, noise, noisy latents and targets for every image slot of the batch."""
         return self.process.draw(rng, batch["images"], batch["image_t_max"])
 
+    def capacity(self, rows: int) -> ImageCapacity | None:
+        """The modality layers' capacity for a forward over `rows` rows: each of the
+        image_groups groups holds rows / image_groups rows, i.e. a whole number of
+        pipeline units of `unit_rows` rows with at most images_per_unit images each."""
+        if not self.images_per_unit:
+            return None
+        units, rest = divmod(rows // self.image_groups, self.unit_rows)
+        if rest or rows % self.image_groups:
+            raise ValueError(f"{rows} rows are not {self.image_groups} groups of whole "
+                             f"{self.unit_rows}-row units of data.image_capacity_per_row")
+        return ImageCapacity(self.image_groups, units * self.images_per_unit)
+
     def sums_given_noise(self, params, batch: dict, draw: diffusion.NoiseDraw) -> dict:
         """Loss sums and counts with the noise fixed (gradient accumulation draws it once
         for the global batch, then cuts microbatches)."""
         model = nnx.merge(self.graphdef, params)
-        logits, image_pred = model(batch, draw.noisy, draw.model_t)
+        logits, image_pred = model(batch, draw.noisy, draw.model_t,
+                                   self.capacity(batch["tokens"].shape[0]))
         return losses.transfusion_sums(logits, image_pred, draw.target, batch,
                                        self.z_loss_weight, self.image_token_offset,
                                        draw.weight)
@@ -61,6 +83,16 @@ class Objective:
         sums = self.sums(params, batch, rng)
         values = losses.combine(sums, self.diffusion_weight)
         return values["loss"], dict(sums=sums, **values)
+
+
+def image_capacity_per_unit(config, image_groups: int) -> int:
+    """Images the input pipeline packs at most into each unit (one device's rows of one
+    microbatch); 0 when data.image_capacity_per_row is off."""
+    per_row = float(config.get("data", {}).get("image_capacity_per_row", 0.0) or 0.0)
+    if not per_row:
+        return 0
+    t = config.train
+    return capacity_per_unit(per_row, t.batch_size // (image_groups * t.grad_accum_steps))
 
 
 def batch_shardings(mesh: Mesh, table: Mapping[str, Any], batch_ndims: Mapping[str, int]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 
+from tfusion.batch import capacity_per_unit
 from tfusion import sharding
 from tfusion.config import ConfigError, DiffusionConfig, LossConfig, ModelConfig
 from tfusion.train.optimizer import PARAM_GROUPS
@@ -123,6 +124,16 @@ def validate_mesh_config(config, num_devices: int, process_count: int) -> dict:
         raise ConfigError("train.batch_size",
                           f"{config.train.batch_size} rows do not split over {process_count} "
                           "processes")
+    per_row = config.get("data", {}).get("image_capacity_per_row", 0.0)
+    if per_row:
+        unit_rows = micro // batch_ways
+        per_unit = capacity_per_unit(per_row, unit_rows)
+        slots = config.data.max_images_per_row
+        if per_unit < slots:
+            raise ConfigError("data.image_capacity_per_row",
+                              f"{per_row} x {unit_rows} rows per device and microbatch = "
+                              f"{per_unit} images, fewer than one full row's {slots} slots: "
+                              "raise it, or put more rows on each device")
     return sizes
 
 
