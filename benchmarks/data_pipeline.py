@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import write_result  # noqa: E402
 from data_pipelines import builtin_text, example_config, make_train_iterator, shapes  # noqa: E402
 from data_pipelines.records import ImageCaptionRecord, TextRecord  # noqa: E402
 
@@ -119,10 +120,7 @@ def main():
         "workers": sorted({r["workers"] for r in runs}),
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import cpu_model, write_result  # noqa: E402
 from data_pipelines import builtin_text, example_config, make_train_iterator, shapes  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -283,22 +284,10 @@ def main():
     result = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "processor": _cpu_model()},
+                    "cpu_count": os.cpu_count(), "processor": cpu_model()},
         "workers": 0, "rows": rows, "memory": mem, "v5p_host_need": v5p_host_need(rows),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.timing import timed_calls  # noqa: E402
+from benchmarks.timing import cpu_model, timed_calls, write_result  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 ROWS, SEQ, SLOTS = 8, 1024, 8
@@ -114,7 +114,7 @@ def main():
     result = {
         "command": " ".join(["python", *sys.argv]),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "processor": _cpu_model(), "jax": jax.__version__},
+                    "processor": cpu_model(), "jax": jax.__version__},
         "model": {"layer": args.layer, "width": 256, "depth": 4, "latent": [16, 16, 4],
                   "patch_size": 2, "unet_channels": [128, 256] if args.layer == "unet" else None,
                   "rows": ROWS, "seq_len": SEQ, "slots_per_row": SLOTS},
@@ -127,20 +127,8 @@ def main():
             "flops after_half_empty / before_half_empty":
                 flops["after_half_empty"] / flops["before_half_empty"]},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
     print(json.dumps({"median_step_s": medians, "ratios": result["ratios"]}, indent=1))
-    print(f"wrote {args.out}")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

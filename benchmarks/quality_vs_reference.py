@@ -687,11 +687,9 @@ def report(args, budgets: list[float]) -> dict:
 def machine_info() -> dict:
     import jax
 
-    model = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f
-                      if line.startswith("model name")), model)
-    return dict(cpu_model=model, cpu_count=os.cpu_count(), jax_version=jax.__version__,
+    from benchmarks.timing import cpu_model
+
+    return dict(cpu_model=cpu_model(), cpu_count=os.cpu_count(), jax_version=jax.__version__,
                 python=platform.python_version(), platform=platform.platform())
 
 

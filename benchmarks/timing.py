@@ -22,3 +22,26 @@ def timed_calls(call: Callable[[int], Any], warmup: int, steps: int):
         result = jax.block_until_ready(call(i))
         times.append(time.perf_counter() - start)
     return times, warmup_s, result
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine entry of a result."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def write_result(path: str, result: dict) -> None:
+    """Writes a benchmark's result JSON (creating its folder) and says where."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")

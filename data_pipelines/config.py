@@ -280,13 +280,13 @@ def _validate_edits(config) -> None:
     if d.source == "edit_folder":
         import os
         from data_pipelines.file_sources import EDITS_FILE
-        from data_pipelines.shards import exists
+        from data_pipelines.paths import exists
         if not exists(os.path.join(d.data_dir, EDITS_FILE)):
             _fail("data_dir", f"{d.data_dir} has no {EDITS_FILE} (the edit_folder layout)")
 
 
 def _validate_glob(field: str, patterns: str) -> None:
-    from data_pipelines.shards import expand  # late: pulls in grain
+    from data_pipelines.paths import expand
 
     try:
         expand(patterns)

@@ -32,7 +32,7 @@ from typing import Optional
 import grain
 
 from data_pipelines.records import EditRecord, ImageCaptionRecord
-from data_pipelines.shards import expand, exists, open_binary
+from data_pipelines.paths import expand, exists, open_binary
 
 CAPTIONS_FILE = "captions.jsonl"
 IMAGE_KEYS = ("file", "file_name", "image", "path")  # first present wins

@@ -22,12 +22,12 @@ with its shard and key, line or row as origin), never an exception.
 from __future__ import annotations
 
 import functools
-import struct
 from typing import Any, Optional
 
 from data_pipelines.file_sources import json_object
 from data_pipelines.records import ImageCaptionRecord, InterleavedRecord, TextRecord
-from data_pipelines.shards import ShardedRecords, ShardedView, expand, open_binary
+from data_pipelines.paths import expand, open_binary
+from data_pipelines.shards import ShardedRecords, ShardedView
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 FALLBACK_CAPTION = "text"  # caption column / JSON key tried when caption_column is absent

@@ -135,7 +135,7 @@ def encode_to_directory(config, out: str, splits=("train", "eval"), num_examples
     if d.source in ("interleaved", "shapes_edit", "edit_folder"):
         raise ConfigError("data.source", f"{d.source!r} records are documents with several "
                                          "images, not the image-caption pairs latents store")
-    from data_pipelines.shards import is_remote
+    from data_pipelines.paths import is_remote
 
     if is_remote(out):
         import tempfile
@@ -169,7 +169,7 @@ def encode_to_directory(config, out: str, splits=("train", "eval"), num_examples
 
 
 def _upload(local: str, remote: str) -> None:
-    from data_pipelines.shards import open_binary_write
+    from data_pipelines.paths import open_binary_write
 
     for directory, _, files in os.walk(local):
         for name in files:
