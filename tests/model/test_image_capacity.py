@@ -28,8 +28,11 @@ def _capacity_for(batch, groups: int, extra: int = 0) -> ImageCapacity:
     return ImageCapacity(groups, int(mask.reshape(groups, -1).sum(1).max()) + extra)
 
 
-@pytest.mark.parametrize("layer, groups, extra", [("linear", 1, 0), ("linear", 4, 0),
-                                                  ("unet", 2, 1)])
+@pytest.mark.parametrize("layer, groups, extra", [
+    ("linear", 4, 0),
+    # ~20-40 s each on 2 cores: in the slow suite.
+    pytest.param("linear", 1, 0, marks=pytest.mark.slow),
+    pytest.param("unet", 2, 1, marks=pytest.mark.slow)])
 def test_forward_and_gradients_equal_every_slot(layer, groups, extra):
     overrides = dict(modality_layer=layer)
     if layer == "unet":
