@@ -273,7 +273,10 @@ class PackingIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict:
         b = self._spec.batch_size
-        while (rows := self._batch_rows(final=False)) is None:
+        tried = -1  # closed rows at the last failed fill: only new rows can change it
+        while (len(self._closed) == tried
+               or (rows := self._batch_rows(final=False)) is None):
+            tried = len(self._closed)
             if self._next_index >= len(self._docs):  # finite input: flush what is left
                 if not self._open and not self._closed and not self._counts:
                     raise StopIteration
