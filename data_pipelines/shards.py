@@ -38,6 +38,7 @@ import dataclasses
 import gzip
 import io
 import logging
+import os
 import sys
 import tarfile
 from typing import Any, Callable, Optional
@@ -58,6 +59,35 @@ class ShardIndex:
     count: int  # records in the shard
     positions: np.ndarray  # int64: where record i * INDEX_STRIDE starts (format's unit)
     problem: str = ""  # why indexing stopped early ("" = whole shard indexed)
+    unreadable: bool = False  # the shard could not be opened at all (problem says why)
+
+
+# Indices of local shards, by (path, size, mtime, format, columns): a shard read by two
+# streams of a run (images and their captions, the train and eval splits) or by a
+# restarted iterator is indexed once per process. Remote shards are indexed each time.
+_INDEX_CACHE: "collections.OrderedDict" = collections.OrderedDict()
+_INDEX_CACHE_SHARDS = 100_000
+
+
+def _indexed(fmt, path: str, parquet_columns: tuple) -> ShardIndex:
+    key = None
+    if not is_remote(path):
+        try:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns, fmt.name, tuple(parquet_columns))
+        except OSError:
+            pass
+    if key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    try:
+        index = fmt.index(path)
+    except Exception as e:  # noqa: BLE001 - any failure to open is counted
+        return ShardIndex(0, np.zeros(0, np.int64), f"{type(e).__name__}: {e}", unreadable=True)
+    if key is not None:
+        _INDEX_CACHE[key] = index
+        while len(_INDEX_CACHE) > _INDEX_CACHE_SHARDS:
+            _INDEX_CACHE.popitem(last=False)
+    return index
 
 
 class LineFormat:
@@ -147,6 +177,14 @@ class ParquetFormat:
         return items
 
 
+def _drop_last(positions: list, count: int) -> int:
+    """Forgets the last of `count` indexed samples (its stored position too)."""
+    count -= 1
+    if count % INDEX_STRIDE == 0:
+        positions.pop()
+    return count
+
+
 def sample_key(member_name: str) -> tuple[str, str]:
     """webdataset's grouping: 'dir/000123.seg.jpg' -> ('dir/000123', 'seg.jpg')."""
     directory, _, base = member_name.rpartition("/")
@@ -174,9 +212,7 @@ class TarFormat:
                         if member.offset_data + member.size > size:
                             # Cut off (an interrupted copy): keep the samples before it.
                             if k == key:
-                                count -= 1
-                                if count % INDEX_STRIDE == 0:
-                                    positions.pop()
+                                count = _drop_last(positions, count)
                             problem = (f"{member.name} ends past the end of the file "
                                        f"({size} bytes) after {count} samples")
                             break
@@ -187,9 +223,7 @@ class TarFormat:
             except (tarfile.TarError, OSError, EOFError) as e:
                 # The sample being read may be missing members: keep those before it.
                 if count:
-                    count -= 1
-                    if count % INDEX_STRIDE == 0:
-                        positions.pop()
+                    count = _drop_last(positions, count)
                 problem = f"{type(e).__name__}: {e} after {count} whole samples"
         return ShardIndex(count, np.asarray(positions, np.int64), problem)
 
@@ -291,12 +325,8 @@ class ShardedRecords(grain.MapDataset):
         self.truncated_shards: list[tuple[str, str]] = []
         for path in self.paths:
             fmt = format_for(path, parquet_columns)
-            try:
-                index = fmt.index(path)
-            except Exception as e:  # noqa: BLE001 - any failure to open is counted
-                self.unreadable_shards.append((shard_name(path), f"{type(e).__name__}: {e}"))
-                index = ShardIndex(0, np.zeros(0, np.int64))
-            if index.problem and not index.count:
+            index = _indexed(fmt, path, parquet_columns)
+            if index.unreadable or (index.problem and not index.count):
                 self.unreadable_shards.append((shard_name(path), index.problem))
             elif index.problem:
                 self.truncated_shards.append((shard_name(path), index.problem))

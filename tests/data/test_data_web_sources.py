@@ -361,3 +361,27 @@ def test_small_splits_still_give_each_reader_distinct_records(shards):
     readers = [stream.shard(k, 4) for k in range(4)]
     got = [[r[i].origin for i in range(2)] for r in readers]
     assert sorted(sum(got, [])) == sorted(view[i].origin for i in range(8))
+
+
+def test_each_local_shard_is_indexed_once_per_process(tok_dir, tmp_path, monkeypatch):
+    """Images and their captions, the train and the eval split read the same tars:
+    one header pass per shard; a rewritten shard (new size / mtime) is indexed again."""
+    from data_pipelines import shards as shards_module
+
+    (tmp_path / "wds").mkdir()
+    web_shards.write_webdataset(tmp_path / "wds", shards=2, per_shard=8, faults={})
+    calls = collections.Counter()
+    index = shards_module.TarFormat.index
+
+    def counting(self, path):
+        calls[path] += 1
+        return index(self, path)
+
+    monkeypatch.setattr(shards_module.TarFormat, "index", counting)
+    c = _config(tok_dir, "webdataset", str(tmp_path / "wds" / "*.tar"), text_source="captions")
+    next(make_train_iterator(c))
+    next(make_eval_iterator(c))
+    assert sorted(calls.values()) == [1, 1]
+    web_shards.write_webdataset(tmp_path / "wds", shards=1, per_shard=9, faults={})
+    records = _records("webdataset", str(tmp_path / "wds" / "*.tar"))
+    assert calls[str(tmp_path / "wds" / "00000.tar")] == 2 and len(records) == 9 + 8
