@@ -6,8 +6,8 @@ lm-eval-harness runs on it); the image layers saved beside it.
 DIR gets config.json (LlamaForCausalLM, or Qwen2ForCausalLM where the run has q/k/v
 biases), model.safetensors (float32, streamed: one tfusion param on the host at a
 time, its layers written together), the run's tokenizer files, and the image side:
-image_layers.safetensors (tfusion's flat names: image_encoder.*, image_decoder.*) with
-tfusion_config.json (the run's config). The vocab rows written are those of the
+image_layers.safetensors (tfusion's flat names: image_encoder.*, image_decoder.* and
+untied image twins) with tfusion_config.json (the run's config). The vocab rows written are those of the
 Hugging Face checkpoint the run was imported from (hf_import.json; its BOI/EOI rows
 are tfusion's), else all of model.vocab_size (BOI/EOI included). See tfusion/hf.py
 for the tensor mapping. An unreadable run or an OUT that is not empty exits with one

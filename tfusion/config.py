@@ -14,6 +14,8 @@ import math
 import ml_collections
 
 MODALITY_LAYERS = ("linear", "unet")
+MODALITY_WEIGHTS = ("shared", "untied")
+UNTIED_INITS = ("fresh", "copy")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 IMAGE_ATTENTION = ("bidirectional", "causal")
 IMAGE_REPRESENTATIONS = ("continuous", "discrete")
@@ -122,6 +124,20 @@ class ModelConfig(_Section):
     tie_embeddings: bool = False  # Llama 2 unties the LM head from the embedding
     qk_norm: bool = False  # RMSNorm on q and k per head: only for the Chameleon baseline
     init_std: float = 0.02  # std of normal init of embeddings and projections
+    # --- modality-untied backbone (Mixture-of-Transformers / LMFusion) ---
+    # "shared" (the paper): one set of block weights for every position. "untied": every
+    # block has an image twin of each weight (q/k/v/o, SwiGLU, the norms; image_* names),
+    # and the final norm too; image positions use the twins, text positions the shared
+    # names (so an imported or text-only checkpoint loads into the text side), one global
+    # self-attention over both. tfusion/model/transformer.py routes each position to its
+    # modality's weights in tiles, so a step costs the shared step's FLOPs plus at most
+    # one tile per row group (not twice).
+    modality_weights: str = "shared"
+    # "copy": the image twins start as copies of the text weights (after a warm start:
+    # of the loaded ones), so step 0 computes exactly what the shared model does.
+    # "fresh": drawn like any new layer.
+    untied_init: str = "copy"
+    untied_tile: int = 128  # positions per routing tile (the most one row group wastes)
     # --- numerics and memory ---
     # Compute dtype of activations and matmuls. Params (and Adam state) stay float32:
     # mixed precision casts them at use.
@@ -230,8 +246,14 @@ class ModelConfig(_Section):
         self.check_choices(prefix, dict(
             rope_scaling=ROPE_SCALINGS,
             modality_layer=MODALITY_LAYERS, remat_policy=REMAT_POLICIES,
+            modality_weights=MODALITY_WEIGHTS, untied_init=UNTIED_INITS,
             image_attention=IMAGE_ATTENTION, dtype=DTYPES, attention_kernel=ATTENTION_KERNELS,
             image_representation=IMAGE_REPRESENTATIONS))
+        if not isinstance(self.untied_tile, int) or self.untied_tile <= 0:
+            self.fail(prefix, "untied_tile", f"must be a positive int, got {self.untied_tile!r}")
+        if self.modality_weights == "untied" and self.image_representation == "discrete":
+            self.fail(prefix, "modality_weights", "untied weights route image latent "
+                      "positions; a discrete (VQ token) model has none")
         if self.modality_layer == "unet":
             if self.patch_size & (self.patch_size - 1):
                 self.fail(prefix, "patch_size", f"U-Net downsamples by 2 per level; "

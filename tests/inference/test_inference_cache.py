@@ -21,9 +21,16 @@ def _prefill(engine, prompts, max_len):
     return np.asarray(logits), cache, lay["lengths"]
 
 
-@pytest.mark.parametrize("scan_layers", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_cached_text_decoding_matches_full_forward(scan_layers):
-    engine, model, config = shared_engine() if scan_layers else tiny_engine(scan_layers=False)
+# Untied modality weights (fresh image twins): cached steps select per position, the
+# full forward routes in tiles; both must give each position its own modality's weights.
+UNTIED = dict(modality_weights="untied", untied_init="fresh", untied_tile=8)
+
+
+@pytest.mark.parametrize("scan_layers, untied", [
+    (True, False), (True, True), pytest.param(False, False, marks=pytest.mark.slow)])
+def test_cached_text_decoding_matches_full_forward(scan_layers, untied):
+    engine, model, config = (tiny_engine(**UNTIED) if untied else shared_engine()
+                             if scan_layers else tiny_engine(scan_layers=False))
     cfg = config.model
     rng = np.random.default_rng(0)
     steps = 4
@@ -49,11 +56,14 @@ def test_cached_text_decoding_matches_full_forward(scan_layers):
 
 
 @pytest.mark.parametrize("modality_layer,scan_layers",
-                         [("linear", True), ("unet", True), ("linear", False)])
+                         [("linear", True), ("unet", True), ("linear", False), ("untied", True)])
 def test_diffusion_step_matches_full_forward(modality_layer, scan_layers):
     """Also for an unrolled layer loop, whose engine keeps weights and cache per layer
-    (re-stacked inside each jitted step, cache columns written in place)."""
-    if not scan_layers:
+    (re-stacked inside each jitted step, cache columns written in place), and for untied
+    modality weights."""
+    if modality_layer == "untied":
+        engine, model, config = tiny_engine(**UNTIED)
+    elif not scan_layers:
         engine, model, config = tiny_engine(scan_layers=False)
         assert isinstance(engine.state["backbone"]["blocks"]["mlp"]["down"]["kernel"].get_value(),
                           PerLayer)

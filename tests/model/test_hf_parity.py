@@ -114,6 +114,41 @@ def test_import_matches_transformers_and_round_trips(tmp_path, kind, shard):
         np.testing.assert_array_equal(again(torch.tensor(tokens)).logits.numpy(), want)
 
 
+def test_untied_import_copies_the_text_weights_and_exports_the_twins_beside(tmp_path):
+    """An import into an untied model: every image twin equals its text weight, the text
+    forward (routed in tiles) equals transformers, and the export writes the same
+    Hugging Face tensors with the twins in image_layers.safetensors."""
+    from flax import nnx
+
+    from tfusion.autoencoders.safetensors_io import SafetensorsReader, load
+    from tfusion.eval.checkpoints import load_model
+    from tfusion.eval.hf_checkpoints import export_hf, import_hf
+    from tfusion.model.transfusion import image_twin_of
+
+    hf_dir, hf_model, _ = _hf_model(tmp_path, "qwen2")
+    config = registry.get_config("shapes_tiny")
+    config.model.update(modality_weights="untied", untied_init="copy", untied_tile=16)
+    workdir = tmp_path / "run"
+    record = import_hf(str(hf_dir), str(workdir), config)
+    model, _, _ = load_model(str(workdir), params="raw")
+    flat = nnx.traversals.flatten_mapping(nnx.state(model, nnx.Param).to_pure_dict())
+    twins = {p: image_twin_of(p) for p in flat if image_twin_of(p) is not None}
+    assert len(twins) >= 7  # qkv (+ bias), out, gate_up, down, two norms, final norm
+    for twin, text in twins.items():
+        np.testing.assert_array_equal(flat[twin], flat[text], err_msg=str(twin))
+    tokens = np.random.default_rng(0).integers(0, record["hf_vocab_size"], (2, 40))
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got = _text_logits(model, jnp.asarray(tokens, jnp.int32))
+    np.testing.assert_allclose(got[..., :record["hf_vocab_size"]], want, atol=1e-4, rtol=1e-4)
+    out = tmp_path / "exported"
+    export_hf(str(workdir), str(out), params="raw")
+    assert sorted(SafetensorsReader(str(out / "model.safetensors")).names) == sorted(
+        load(str(hf_dir / "model.safetensors")))
+    image = SafetensorsReader(str(out / "image_layers.safetensors")).names
+    assert {".".join(p) for p in twins} <= set(image)
+
+
 def test_greedy_text_generation_through_the_cli_equals_transformers(tmp_path):
     from tfusion.eval.hf_checkpoints import import_hf
 

@@ -92,7 +92,7 @@ def test_freeze_keeps_params_bit_identical(source_run, tmp_path):
     after = _frozen_run(tmp_path / "frozen", source_run)
     ema = _flat(nnx_params(load_model(str(tmp_path / "frozen"), params="ema")[0]))
     text = optimizer.PARAM_GROUPS["text"]
-    frozen = [n for n in after if n.split(".")[0] in text]
+    frozen = [n for n in after if text(tuple(n.split(".")))]
     assert frozen and len(frozen) < len(after)
     for name in after:
         if name in frozen:
@@ -100,6 +100,39 @@ def test_freeze_keeps_params_bit_identical(source_run, tmp_path):
             np.testing.assert_array_equal(ema[name], source[name], err_msg=name)
         else:  # the image layers did train
             assert np.abs(after[name] - source[name]).max() > 0, name
+
+
+def test_untied_warm_start_copies_the_twins_and_freezing_text_keeps_the_lm(source_run,
+                                                                          tmp_path):
+    """LMFusion's recipe on a shared source: the untied run loads the text side, starts
+    every image twin as a copy of its loaded text weight, and after training with
+    train.freeze=text the text side is the source's bit for bit while the twins moved."""
+    from tfusion.model.transfusion import image_twin_of
+
+    source = _flat(nnx_params(load_model(source_run, params="ema")[0]))
+    workdir = tmp_path / "untied"
+    config = synthetic_config(steps=FROZEN_STEPS, ema_decay=0.9, init_from=source_run,
+                              freeze=("text",))
+    config.model.update(modality_weights="untied", untied_init="copy", untied_tile=16)
+    start = Trainer(config, str(tmp_path / "start"), devices=jax.devices()[:1],
+                    train_iterator_fn=synthetic_iterator_fn())
+    at_start = _flat(start.restore_or_init(synthetic_iterator_fn()(
+        config, process_index=0, process_count=1))["params"])
+    Trainer(config, str(workdir), devices=jax.devices()[:1],
+            train_iterator_fn=synthetic_iterator_fn()).run()
+    report = json.load(open(workdir / "warm_start.json"))
+    twins = {n: ".".join(image_twin_of(tuple(n.split("."))))
+             for n in report["copied_from_text"]}
+    assert len(twins) >= 6 and sorted(twins) == sorted(
+        n for n in report["new"] if n.split(".")[0] == "backbone" or n == "image_final_norm.scale")
+    for twin, text in twins.items():
+        np.testing.assert_array_equal(at_start[twin], source[text], err_msg=twin)
+    after = _flat(nnx_params(load_model(str(workdir), params="raw")[0]))
+    for name, value in after.items():
+        if name in twins:  # copied from the text weight, then trained
+            assert np.abs(value - source[twins[name]]).max() > 0, name
+        elif name in source and optimizer.PARAM_GROUPS["text"](tuple(name.split("."))):
+            np.testing.assert_array_equal(value, source[name], err_msg=name)
 
 
 @pytest.mark.slow

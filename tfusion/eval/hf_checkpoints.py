@@ -22,8 +22,8 @@ no WD.
 export_hf: a run's text model as DIR: config.json (LlamaForCausalLM, or
 Qwen2ForCausalLM where the run has q/k/v biases), model.safetensors (float32, streamed:
 one tfusion param on the host at a time), the run's tokenizer files, and the image
-side: image_layers.safetensors (tfusion's flat names) with tfusion_config.json. The
-vocab rows written are those of the checkpoint the run was imported from
+side: image_layers.safetensors (tfusion's flat names; untied image twins included)
+with tfusion_config.json. The vocab rows written are those of the checkpoint the run was imported from
 (hf_import.json), else all of model.vocab_size (BOI/EOI included).
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def convert(ckpt, config, hf_vocab: int, seed: int, mesh, table) -> dict:
     from tfusion.config import ModelConfig
     from tfusion.eval.export import flat_names
     from tfusion.hf import tfusion_tensor
-    from tfusion.model.transfusion import make_image_layers
+    from tfusion.model.transfusion import image_twin_of, make_image_layers
     from tfusion.train.state import abstract_params, to_pure
 
     model_cfg = ModelConfig.of(config.model)
@@ -112,10 +112,15 @@ def convert(ckpt, config, hf_vocab: int, seed: int, mesh, table) -> dict:
     encoder, decoder = make_image_layers(model_cfg, nnx.Rngs(seed))
     fresh = flat_names({"image_encoder": to_pure(nnx.state(encoder, nnx.Param)),
                         "image_decoder": to_pure(nnx.state(decoder, nnx.Param))})
+    if model_cfg.modality_weights == "untied" and model_cfg.untied_init != "copy":
+        raise ValueError("model.untied_init=fresh: an import builds untied image twins as "
+                         "copies of the text weights only; import with untied_init=copy")
     flat = {}
     for name, spec in abstract.items():
+        twin = image_twin_of(tuple(name.split(".")))  # untied image twin: a text copy
         value = (np.asarray(fresh[name], np.float32) if name in fresh
-                 else tfusion_tensor(ckpt, name, model_cfg, hf_vocab))
+                 else tfusion_tensor(ckpt, ".".join(twin) if twin else name, model_cfg,
+                                     hf_vocab))
         if tuple(value.shape) != tuple(spec.shape):
             raise ValueError(f"{name}: built {value.shape}, the model has {spec.shape}")
         flat[name] = jax.make_array_from_callback(spec.shape, spec.sharding,
@@ -235,7 +240,8 @@ def export_hf(workdir: str, out: str, params: str = "ema", step=None) -> dict:
     if primary:
         os.makedirs(out, exist_ok=True)
     specs, arrays = hf_tensors(lambda name: _host_value(flat[name]), model_cfg, hf_vocab)
-    image = sorted(n for n in flat if n.startswith(("image_encoder.", "image_decoder.")))
+    # The image side: the image layers and, untied, the backbone's image twins.
+    image = sorted(n for n in flat if any(k.startswith("image_") for k in n.split(".")))
     if primary:
         save_streamed(os.path.join(out, "model.safetensors"), specs, arrays,
                       {"format": "pt"})

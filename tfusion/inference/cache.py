@@ -94,6 +94,7 @@ def extend(model, cache: KVCache, x, positions, segment_ids, slot):
     attention.key_ranges_from_info assumes; queries are at index[b] + arange(L).
     """
     b, l = segment_ids.shape
+    is_image = slot >= 0  # untied modality weights: these positions use the image twins
     if model.cfg.image_attention != "bidirectional":
         slot = jnp.full_like(slot, -1)  # the causal-image ablation: no image blocks
     kv_segment_ids = _write_ids(cache.segment_ids, segment_ids, cache.index)
@@ -101,7 +102,7 @@ def extend(model, cache: KVCache, x, positions, segment_ids, slot):
     q_index = cache.index[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]
     kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     mask = attention.MaskInfo(segment_ids, slot, q_index, kv_segment_ids, kv_slot, kv_index)
-    ctx = model.context(positions, mask, cache_index=cache.index)
+    ctx = model.context(positions, mask, cache_index=cache.index, is_image=is_image)
     hidden, kv = model.backbone(x, ctx, {"k": cache.k, "v": cache.v})
     new = KVCache(kv["k"], kv["v"], kv_segment_ids, kv_slot, cache.index)
-    return model.final_norm(hidden), constrain_cache(new)
+    return model.norm_final(hidden, is_image), constrain_cache(new)

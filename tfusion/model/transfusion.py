@@ -33,7 +33,7 @@ from tfusion import attention
 from tfusion.config import ModelConfig
 from tfusion.model.layers import (Dense, RMSNorm, TimestepMLP, dtype_of, make_param, patchify,
                                   rope_angles, rope_inv_freq, unpatchify)
-from tfusion.model.transformer import BlockContext, Transformer
+from tfusion.model.transformer import BlockContext, Transformer, route_by_modality
 from tfusion.sharding import constrain
 from tfusion.model.unet import UNetDecoder, UNetEncoder
 
@@ -135,6 +135,33 @@ def scatter_slots(y: jax.Array, active: ActiveSlots, rows: int, m: int) -> jax.A
     return out.reshape(rows, m, *y.shape[2:])
 
 
+def image_twin_of(path: tuple) -> Optional[tuple]:
+    """The text weight's path an untied image twin copies (backbone, blocks, attn,
+    image_qkv, kernel -> backbone, blocks, attn, qkv, kernel); None for any other param.
+    The image encoder and decoder are not twins: they have no text counterpart."""
+    for i, part in enumerate(path):
+        if (isinstance(part, str) and part.startswith("image_")
+                and part not in ("image_encoder", "image_decoder")):
+            return path[:i] + (part[len("image_"):],) + path[i + 1:]
+    return None
+
+
+def copy_text_to_image(params, names=None):
+    """params (an nnx.State or a nested dict) with every untied image twin set to a copy
+    of its text weight; `names`: only the twins with those dotted names."""
+    pure = params.to_pure_dict() if isinstance(params, nnx.State) else params
+    flat = nnx.traversals.flatten_mapping(pure)
+    for path in list(flat):
+        text = image_twin_of(path)
+        if text is not None and (names is None or ".".join(map(str, path)) in names):
+            flat[path] = jnp.copy(flat[text])
+    nested = nnx.traversals.unflatten_mapping(flat)
+    if isinstance(params, nnx.State):
+        params.replace_by_pure_dict(nested)
+        return params
+    return nested
+
+
 def make_image_layers(cfg: ModelConfig, rngs: nnx.Rngs):
     if cfg.modality_layer == "linear":
         return LinearPatchEncoder(cfg, rngs=rngs), LinearPatchDecoder(cfg, rngs=rngs)
@@ -151,12 +178,16 @@ class Transfusion(nnx.Module):
                                           cfg.init_std), cfg.padded_vocab_size, 0)
         self.backbone = Transformer(cfg, rngs=rngs)
         self.final_norm = RMSNorm(cfg.width, "embed", cfg.norm_eps, cfg.dtype)
+        self.image_final_norm = (RMSNorm(cfg.width, "embed", cfg.norm_eps, cfg.dtype)
+                                 if cfg.modality_weights == "untied" else None)
         self.lm_head = None if cfg.tie_embeddings else Dense(
             cfg.width, (cfg.vocab_size,), ("embed", "vocab"), rngs=rngs,
             std=cfg.init_std, dtype=cfg.dtype)
         if self.lm_head is not None:
             self.lm_head.kernel = pad_vocab(self.lm_head.kernel, cfg.padded_vocab_size, 1)
         self.image_encoder, self.image_decoder = make_image_layers(cfg, rngs)
+        if cfg.modality_weights == "untied" and cfg.untied_init == "copy":
+            nnx.update(self, copy_text_to_image(nnx.state(self, nnx.Param)))
 
     # --- pieces, reused by cached inference ---
 
@@ -208,13 +239,30 @@ class Transfusion(nnx.Module):
             segment_ids, image_index, self.patches_per_image,
             bidirectional_images=self.cfg.image_attention == "bidirectional")
 
-    def context(self, positions, mask: attention.MaskInfo, cache_index=None) -> BlockContext:
+    def context(self, positions, mask: attention.MaskInfo, cache_index=None,
+                is_image: Optional[jax.Array] = None) -> BlockContext:
+        """is_image bool [B, L]: the positions untied modality weights route to the image
+        twins (ignored with shared weights; None: none). Routed in tiles, except in cached decoding
+        (cache_index given), whose few positions per row select per position."""
         c = self.cfg
         inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_scaling_factor,
                                  c.rope_low_freq_factor, c.rope_high_freq_factor,
                                  c.rope_original_max_positions)
         sin, cos = rope_angles(positions, c.head_dim, c.rope_theta, inv_freq)
-        return BlockContext(sin=sin, cos=cos, mask=mask, cache_index=cache_index)
+        routing = None
+        if c.modality_weights == "untied":
+            if is_image is None:  # a text-only forward
+                is_image = jnp.zeros(positions.shape, bool)
+            routing = route_by_modality(is_image, c.untied_tile, tiled=cache_index is None)
+        return BlockContext(sin=sin, cos=cos, mask=mask, cache_index=cache_index,
+                            routing=routing)
+
+    def norm_final(self, hidden: jax.Array, is_image: Optional[jax.Array] = None) -> jax.Array:
+        """The final RMSNorm (untied weights: the image twin at image positions)."""
+        if self.image_final_norm is None:
+            return self.final_norm(hidden)
+        return jnp.where(is_image[..., None], self.image_final_norm(hidden),
+                         self.final_norm(hidden))
 
     def mix_inputs(self, tokens, image_index, patch_emb) -> jax.Array:
         """Sequence inputs: token embeddings, replaced by patch embeddings at patches."""
@@ -247,10 +295,12 @@ class Transfusion(nnx.Module):
         active = None if capacity is None else active_slots(batch["image_mask"], capacity)
         patch_emb, skips = self.encode_images(noisy_images, t, active)
         x = self.mix_inputs(batch["tokens"], batch["image_index"], patch_emb)
+        is_image = batch["image_index"] >= 0
         ctx = self.context(batch["positions"],
-                           self.mask_info(batch["segment_ids"], batch["image_index"]))
+                           self.mask_info(batch["segment_ids"], batch["image_index"]),
+                           is_image=is_image)
         hidden, _ = self.backbone(x, ctx)
-        hidden = self.final_norm(hidden)
+        hidden = self.norm_final(hidden, is_image)
         eps = self.decode_images(self.gather_image_hidden(hidden, batch["image_start"]), skips,
                                  t, active)
         return self.logits(hidden), eps

@@ -13,14 +13,21 @@ import optax
 # Leaf names (last path key) that are excluded from weight decay.
 NO_DECAY_NAMES = ("scale", "bias")
 
-# train.freeze: param groups by the top-level name of the param tree. "text" is every
-# weight the text path uses: the embeddings, the LM head and, as the modality layers
-# share it, the whole backbone; "image" the image encoder and decoder.
+# train.freeze: param groups, each a test of a param's key path. A name with an
+# "image_" part is image-side: the image encoder and decoder and, with untied modality
+# weights (model.modality_weights), the backbone's image twins and image_final_norm.
+# "text" is every weight the text path uses: the embeddings, the LM head and the
+# backbone (with shared weights, all of it: the image path shares it too; untied, its
+# text side); "image" the image side.
+def _is_image_side(path: tuple) -> bool:
+    return any(str(k).startswith("image_") for k in path)
+
+
 PARAM_GROUPS = {
-    "text": ("embed", "lm_head", "backbone", "final_norm"),
-    "embeddings": ("embed", "lm_head"),
-    "backbone": ("backbone", "final_norm"),
-    "image": ("image_encoder", "image_decoder"),
+    "text": lambda path: not _is_image_side(path),
+    "embeddings": lambda path: path[0] in ("embed", "lm_head"),
+    "backbone": lambda path: path[0] in ("backbone", "final_norm", "image_final_norm"),
+    "image": _is_image_side,
 }
 
 
@@ -45,13 +52,11 @@ def decay_mask(params):
 
 def frozen_mask(params, freeze) -> dict:
     """True at every param in one of the `freeze` groups (PARAM_GROUPS)."""
-    names = {n for group in freeze for n in PARAM_GROUPS[group]}
-    return jax.tree_util.tree_map_with_path(lambda path, _: _first_key(path) in names, params)
+    def frozen(path, _):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return any(PARAM_GROUPS[group](keys) for group in freeze)
 
-
-def _first_key(path) -> str:
-    key = path[0]
-    return str(getattr(key, "key", getattr(key, "name", key)))
+    return jax.tree_util.tree_map_with_path(frozen, params)
 
 
 def make_optimizer(opt_cfg, freeze=()) -> optax.GradientTransformation:

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tfusion.config import ConfigError, model_config
+from tfusion.config import ConfigError, ModelConfig, model_config
+from tfusion.model.transfusion import copy_text_to_image, image_twin_of
 
 _log = logging.getLogger(__name__)
 PARAMS_CHOICES = ("ema", "raw")
@@ -136,6 +137,13 @@ def warm_start(state: dict, config, mesh, table, workdir: str) -> dict:
     source, step, entry, source_vocab = read_source_params(path, which, mesh, table)
     params, report = merge_matching(state["params"], source,
                                     (source_vocab, int(config.model.vocab_size)))
+    model_cfg = ModelConfig.of(config.model)
+    if model_cfg.modality_weights == "untied" and model_cfg.untied_init == "copy":
+        # Image twins the source lacks start as copies of their (loaded) text weights.
+        copied = [n for n in report["new"] if image_twin_of(tuple(n.split("."))) is not None]
+        params = jax.tree.map(lambda fresh, new: jax.device_put(new, fresh.sharding), params,
+                              copy_text_to_image(params, set(copied)))
+        report["copied_from_text"] = copied
     state = dict(state, params=params)
     if "ema_params" in state:  # a copy: the step donates the state's buffers
         state["ema_params"] = jax.tree.map(jnp.copy, params)
@@ -147,6 +155,9 @@ def warm_start(state: dict, config, mesh, table, workdir: str) -> dict:
               f"; {'; '.join(report['vocab_rows'])}" if report["vocab_rows"] else "",
               f"; source params unused: {', '.join(report['source_unused'])}"
               if report["source_unused"] else "")
+    if report.get("copied_from_text"):
+        _log.info("warm start: %d untied image twins copied from their text weights "
+                  "(model.untied_init=copy)", len(report["copied_from_text"]))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, REPORT_FILE), "w") as f:
