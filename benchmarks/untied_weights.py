@@ -5,8 +5,8 @@ model.modality_weights="untied" against "shared" on the same batch
   python benchmarks/untied_weights.py [--steps=8] [--skip_paper]
 
 FLOPs: XLA's cost analysis of the jitted loss + gradient (tfusion.train.step.Objective),
-compiled with scan_layers=False, which unrolls the layer loop and the untied tile loop
-(the cost analysis counts a loop body once). Three forms per geometry: shared; untied,
+compiled with scan_layers=False and model.untied_unroll=True, which unroll the layer
+loop and the untied tile loop (the cost analysis counts a loop body once). Three forms per geometry: shared; untied,
 routed in tiles (what training runs); untied by per-position select (both projections
 everywhere: what routing avoids). Geometries:
   * shapes_tiny: the README model (width 192, depth 4, 16 patches per image) on 8 rows of
@@ -15,7 +15,9 @@ everywhere: what routing avoids). Geometries:
     modality layers) at depth 2 (the ratio is per layer; the embedding, head and image
     layers are the same in both), one row of 4096 positions holding 8 captioned images
     (half the positions), tile 128.
-Time: medians of `steps` interleaved calls of the compiled shapes_tiny step (CPU).
+Time: medians of `steps` interleaved calls of the compiled shapes_tiny step (CPU): shared,
+untied with the tile loop unrolled (the default) and as a lax.scan, and the per-position
+select.
 """
 from __future__ import annotations
 
@@ -43,13 +45,13 @@ GEOMETRIES = {
 }
 
 
-def _config(model: dict, rows: int, form: str, tile: int = 128):
+def _config(model: dict, rows: int, form: str, unroll: bool, tile: int = 128):
     import ml_collections
 
     from tfusion.config import diffusion_config, model_config
 
     m = model_config()
-    m.update(model, dtype="float32", scan_layers=False, untied_tile=tile,
+    m.update(model, dtype="float32", scan_layers=False, untied_tile=tile, untied_unroll=unroll,
              modality_weights="shared" if form == "shared" else "untied")
     train = ml_collections.ConfigDict(dict(batch_size=rows, grad_accum_steps=1))
     return ml_collections.ConfigDict(dict(model=m, diffusion=diffusion_config(), train=train))
@@ -116,11 +118,14 @@ def main():
         image_share[geometry] = float(np.mean(np.asarray(batch["image_index"]) >= 0))
         flops[geometry] = {}
         for form in forms:
-            compiled, params = _compiled(_config(model, rows, form), batch, form)
+            compiled, params = _compiled(_config(model, rows, form, unroll=True), batch, form)
             flops[geometry][form] = float(compiled.cost_analysis().get("flops", 0.0))
             print(geometry, form, f"{flops[geometry][form]:.4g} FLOPs", flush=True)
             if geometry == "shapes_tiny":
                 timed[form] = (compiled, params, batch)
+        if geometry == "shapes_tiny":  # model.untied_unroll=False: the tile loop scanned
+            timed["untied_scan"] = (*_compiled(_config(model, rows, "untied", unroll=False),
+                                               batch, "untied"), batch)
     times = {form: [] for form in timed}
     for _ in range(args.steps):  # round by round: noise hits every form alike
         for form, (compiled, params, batch) in timed.items():
@@ -140,7 +145,7 @@ def main():
                          for g, v in flops.items()},
         "shapes_tiny_median_step_s": medians, "shapes_tiny_step_s": times,
         "shapes_tiny_time_ratios": {f"{form} / shared": medians[form] / medians["shared"]
-                                    for form in forms},
+                                    for form in medians},
     }
     print(json.dumps({k: result[k] for k in ("flops_ratios", "shapes_tiny_time_ratios")},
                      indent=1))

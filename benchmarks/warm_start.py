@@ -115,7 +115,7 @@ def heldout_text_nll(workdir: str, texts: list[str], batch_rows: int = 32) -> di
     from tfusion.eval.checkpoints import load_model
 
     model, config, step = load_model(workdir, params="ema")
-    tok = build_tokenizer(config.data)
+    tok = build_tokenizer(config)
     cfg = model.cfg
     docs = [np.asarray([tok.bos_id] + tok.encode(t) + [tok.eos_id], np.int32) for t in texts]
     seq_len = max(len(d) for d in docs)

@@ -138,6 +138,11 @@ class ModelConfig(_Section):
     # "fresh": drawn like any new layer.
     untied_init: str = "copy"
     untied_tile: int = 128  # positions per routing tile (the most one row group wastes)
+    # Unroll the loop over tiles (False: lax.scan, a smaller program when rows are long).
+    # XLA's cost analysis counts a loop body once, so FLOP counts need it unrolled; on
+    # CPU the unrolled loop is also faster (shapes_tiny step 1.41x shared, scan 1.68x:
+    # benchmarks/untied_weights.py).
+    untied_unroll: bool = True
     # --- numerics and memory ---
     # Compute dtype of activations and matmuls. Params (and Adam state) stay float32:
     # mixed precision casts them at use.

@@ -124,8 +124,8 @@ def tiled_dense(tiles: jax.Array, text: Dense, image: Dense, routing: ModalityRo
                 unroll: bool) -> jax.Array:
     """Each tile of [T, G, tile, in] times its modality's kernel (and bias): a loop over
     tiles, each step one [G, tile, in] x [G, in, out] matmul with each group's kernel
-    chosen by a select (no second matmul). unroll: a Python-unrolled loop (XLA's cost
-    analysis counts a loop body once, so FLOP counts need it), else lax.scan."""
+    chosen by a select (no second matmul). unroll: an unrolled loop
+    (model.untied_unroll), else lax.scan."""
     dt = dtype_of(text.dtype)
     k_text, k_image = text.kernel[...].astype(dt), image.kernel[...].astype(dt)
     out_shape = k_text.shape[1:]
@@ -208,7 +208,7 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_dim
         self.group = cfg.num_heads // self.num_kv_heads
         self.kernel_name = cfg.attention_kernel
-        self.unroll = not cfg.scan_layers
+        self.unroll = cfg.untied_unroll
         untied = cfg.modality_weights == "untied"
         for prefix in ("", "image_") if untied else ("",):
             setattr(self, prefix + "qkv", Dense(
@@ -252,7 +252,7 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         hidden = cfg.mlp_dim
-        self.unroll = not cfg.scan_layers
+        self.unroll = cfg.untied_unroll
         untied = cfg.modality_weights == "untied"
         for prefix in ("", "image_") if untied else ("",):
             setattr(self, prefix + "gate_up", Dense(
