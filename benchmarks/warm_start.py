@@ -131,7 +131,7 @@ def heldout_text_nll(workdir: str, texts: list[str], batch_rows: int = 32) -> di
 
     total, count = 0.0, 0.0
     for start in range(0, len(docs), batch_rows):
-        rows = [[d] for d in docs[start:start + batch_rows]]
+        rows = [[[d]] for d in docs[start:start + batch_rows]]  # a row: one document
         rows += [[] for _ in range(batch_rows - len(rows))]
         batch = {k: jnp.asarray(v) for k, v in assemble_rows(rows, spec, cfg.pad_id).items()}
         s, c = sums(batch)

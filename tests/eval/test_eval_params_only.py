@@ -150,3 +150,22 @@ def test_a_run_saved_before_vocab_padding_loads_unpadded(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model": {"vocab_size": 300, "padded_vocab_size": 384}}))
     assert load_config(str(tmp_path)).model.padded_vocab_size == 384
+
+
+def test_a_run_saved_before_a_model_field_existed_loads_with_its_old_behaviour(tmp_path):
+    """A config.json from before model.modality_weights / untied_* existed (every model
+    field but those): it loads, validates and builds the model it was trained as."""
+    import json
+
+    from tfusion.config import ModelConfig, model_config
+    from tfusion.eval.checkpoints import load_config
+
+    saved = model_config().to_dict()
+    for field in ("modality_weights", "untied_init", "untied_tile", "untied_unroll"):
+        del saved[field]
+    saved.update(width=48, vocab_size=300)
+    (tmp_path / "config.json").write_text(json.dumps({"model": saved, "train": {"steps": 3}}))
+    config = load_config(str(tmp_path))
+    model = ModelConfig.of(config.model)
+    assert model.modality_weights == "shared" and model.width == 48
+    assert config.train.steps == 3

@@ -63,7 +63,9 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
                 ) -> ml_collections.ConfigDict:
     """The run's saved config. With `defaults` (the experiment's current config), the
     saved values are laid over it, so fields added to the code since the run was
-    started get their defaults instead of failing as missing."""
+    started get their defaults instead of failing as missing. Without, the model
+    section is still laid over ModelConfig's defaults: a model field added since takes
+    the behaviour from before it existed, which is what the run was built with."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isdir(workdir):
         raise RunNotFoundError(f"no run directory {workdir}")
@@ -78,7 +80,8 @@ def load_config(workdir: str, defaults: Optional[ml_collections.ConfigDict] = No
         # head have exactly vocab_size rows.
         model["padded_vocab_size"] = model["vocab_size"]
     if defaults is None:
-        return ml_collections.ConfigDict(saved)
+        from tfusion.config import model_config
+        defaults = ml_collections.ConfigDict(dict(model=model_config()))
     _merge(defaults, saved)
     return defaults
 
