@@ -79,6 +79,16 @@ def _text_logits(model, tokens):
     return np.asarray(model.logits(model.final_norm(hidden)))
 
 
+def _assert_logits_match(model, hf_model, hf_vocab: int):
+    """tfusion's text logits of random ids equal transformers' to 1e-4; (ids, HF logits)."""
+    tokens = np.random.default_rng(0).integers(0, hf_vocab, (2, 40))
+    with torch.no_grad():
+        want = hf_model(torch.tensor(tokens)).logits.numpy()
+    got = _text_logits(model, jnp.asarray(tokens, jnp.int32))
+    np.testing.assert_allclose(got[..., :hf_vocab], want, atol=1e-4, rtol=1e-4)
+    return tokens, want
+
+
 @pytest.mark.parametrize("kind,shard", [("llama", True), ("qwen2", False)])
 def test_import_matches_transformers_and_round_trips(tmp_path, kind, shard):
     from tfusion.eval.hf_checkpoints import export_hf, import_hf
@@ -93,12 +103,7 @@ def test_import_matches_transformers_and_round_trips(tmp_path, kind, shard):
     assert record["vocab_size"] == record["hf_vocab_size"] + 2  # BOI/EOI appended
     model, config, _ = load_model(str(workdir), params="raw")
     assert config.model.qkv_bias == (kind == "qwen2")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, record["hf_vocab_size"], (2, 40))
-    with torch.no_grad():
-        want = hf_model(torch.tensor(tokens)).logits.numpy()
-    got = _text_logits(model, jnp.asarray(tokens, jnp.int32))
-    np.testing.assert_allclose(got[..., :record["hf_vocab_size"]], want, atol=1e-4, rtol=1e-4)
+    tokens, want = _assert_logits_match(model, hf_model, record["hf_vocab_size"])
 
     out = tmp_path / "exported"
     export_hf(str(workdir), str(out), params="raw")
@@ -136,11 +141,7 @@ def test_untied_import_copies_the_text_weights_and_exports_the_twins_beside(tmp_
     assert len(twins) >= 7  # qkv (+ bias), out, gate_up, down, two norms, final norm
     for twin, text in twins.items():
         np.testing.assert_array_equal(flat[twin], flat[text], err_msg=str(twin))
-    tokens = np.random.default_rng(0).integers(0, record["hf_vocab_size"], (2, 40))
-    with torch.no_grad():
-        want = hf_model(torch.tensor(tokens)).logits.numpy()
-    got = _text_logits(model, jnp.asarray(tokens, jnp.int32))
-    np.testing.assert_allclose(got[..., :record["hf_vocab_size"]], want, atol=1e-4, rtol=1e-4)
+    _assert_logits_match(model, hf_model, record["hf_vocab_size"])
     out = tmp_path / "exported"
     export_hf(str(workdir), str(out), params="raw")
     assert sorted(SafetensorsReader(str(out / "model.safetensors")).names) == sorted(
