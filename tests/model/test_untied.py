@@ -104,7 +104,8 @@ def _perturbed_untied(cfg, seed=0):
     return model
 
 
-@pytest.mark.parametrize("qk_norm, qkv_bias, unroll", [(False, False, True), (True, True, False)])
+@pytest.mark.parametrize("qk_norm, qkv_bias, unroll", [
+    (False, False, True), pytest.param(True, True, False, marks=pytest.mark.slow)])
 def test_tiled_routing_equals_per_position_select(monkeypatch, qk_norm, qkv_bias, unroll):
     cfg = ModelConfig.of(tiny_config(untied_tile=16, qk_norm=qk_norm, qkv_bias=qkv_bias,
                                      num_kv_heads=2, untied_unroll=unroll).model)
@@ -196,6 +197,7 @@ def test_freeze_text_keeps_the_text_side_and_trains_the_twins():
     assert not frozen[("image_final_norm", "scale")]
 
 
+@pytest.mark.slow  # ~30-70 s of compiles on 2 cores
 def test_sharded_untied_step_equals_single_device():
     """On 8 devices (data 2 x fsdp 4) every device routes its own rows (8 groups); the
     loss sums and gradients equal one device's (one group)."""
