@@ -16,7 +16,7 @@ unset XLA_FLAGS
 failed=()
 # quality_vs_reference trains both systems for 10 min each (~23 min in all, ~2 GB of
 # checkpoints in a temp dir it deletes).
-for name in data_pipeline data_sources image_capacity inference sampler_matmul_floor block_sparsity autoencoders train_throughput step_breakdown train_loop attention_xla \
+for name in data_pipeline data_sources image_capacity untied_weights inference sampler_matmul_floor block_sparsity autoencoders train_throughput step_breakdown train_loop attention_xla \
         quality_vs_reference; do
     script="benchmarks/$name.py"
     [ -f "$script" ] || { echo "== $name: not present, skipped"; continue; }

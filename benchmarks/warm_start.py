@@ -155,9 +155,10 @@ def run_summary(workdir: str) -> dict:
                     walk(v, f"{prefix}{k}/")
                 elif isinstance(v, (int, float)):
                     flat[prefix + k] = v
-        walk(scores)
+        walk(scores["metrics"])
         out.update(generation_exact=flat.get("generation/exact"),
-                   captioning_exact=flat.get("captioning/exact"), cider=flat.get("cider"))
+                   captioning_exact=flat.get("captioning/exact"), cider=flat.get("cider"),
+                   captioning_shape_ceiling=flat.get("captioning_shape_ceiling"))
     report = os.path.join(workdir, "warm_start.json")
     if os.path.exists(report):
         r = json.load(open(report))
