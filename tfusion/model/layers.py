@@ -63,11 +63,12 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        """scale: used instead of self.scale (untied modality norms pick one per position)."""
         # Statistics in float32 whatever the compute dtype: bf16 variance underflows.
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(dtype_of(self.dtype))
+        return (y * (self.scale[...] if scale is None else scale)).astype(dtype_of(self.dtype))
 
 
 class LayerNorm(nnx.Module):

@@ -160,12 +160,13 @@ def modality_dense(text: Dense, image: Optional[Dense], x: jax.Array,
 
 
 def modality_norm(text: RMSNorm, image: Optional[RMSNorm], x: jax.Array,
-                  routing: Optional[ModalityRouting]) -> jax.Array:
-    """RMSNorm with each position's modality's scale (elementwise: no routing needed)."""
+                  is_image: Optional[jax.Array]) -> jax.Array:
+    """RMSNorm with each position's modality's scale (elementwise: no routing needed);
+    is_image bool [B, L] (unused with shared weights)."""
     if image is None:
         return text(x)
-    mask = routing.is_image.reshape(*routing.is_image.shape, *([1] * (x.ndim - 2)))
-    return jnp.where(mask, image(x), text(x))
+    mask = is_image.reshape(*is_image.shape, *([1] * (x.ndim - 2)))
+    return text(x, jnp.where(mask, image.scale[...], text.scale[...]))
 
 
 @jax.tree_util.register_dataclass
@@ -230,8 +231,9 @@ class SelfAttention(nnx.Module):
         q = qkv[:, :, :, :self.group].reshape(b, l, self.num_heads, self.head_dim)
         k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]  # [B, L, Hkv, Dh]
         if self.q_norm is not None:
-            q = modality_norm(self.q_norm, self.image_q_norm, q, ctx.routing)
-            k = modality_norm(self.k_norm, self.image_k_norm, k, ctx.routing)
+            is_image = None if ctx.routing is None else ctx.routing.is_image
+            q = modality_norm(self.q_norm, self.image_q_norm, q, is_image)
+            k = modality_norm(self.k_norm, self.image_k_norm, k, is_image)
         q, k = apply_rope(q, ctx.sin, ctx.cos), apply_rope(k, ctx.sin, ctx.cos)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         if cache is not None:  # head-major [B, Hkv, S, Dh]: write this call's columns
@@ -291,10 +293,12 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x, ctx: BlockContext, cache=None):
         routing = ctx.routing
+        is_image = None if routing is None else routing.is_image
         attn_out, cache = self.attn(modality_norm(self.attn_norm, self.image_attn_norm, x,
-                                                  routing), ctx, cache)
+                                                  is_image), ctx, cache)
         x = x + attn_out
-        x = x + self.mlp(modality_norm(self.mlp_norm, self.image_mlp_norm, x, routing), routing)
+        x = x + self.mlp(modality_norm(self.mlp_norm, self.image_mlp_norm, x, is_image),
+                         routing)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, cache
 

@@ -33,7 +33,8 @@ from tfusion import attention
 from tfusion.config import ModelConfig
 from tfusion.model.layers import (Dense, RMSNorm, TimestepMLP, dtype_of, make_param, patchify,
                                   rope_angles, rope_inv_freq, unpatchify)
-from tfusion.model.transformer import BlockContext, Transformer, route_by_modality
+from tfusion.model.transformer import (BlockContext, Transformer, modality_norm,
+                                       route_by_modality)
 from tfusion.sharding import constrain
 from tfusion.model.unet import UNetDecoder, UNetEncoder
 
@@ -259,10 +260,7 @@ class Transfusion(nnx.Module):
 
     def norm_final(self, hidden: jax.Array, is_image: Optional[jax.Array] = None) -> jax.Array:
         """The final RMSNorm (untied weights: the image twin at image positions)."""
-        if self.image_final_norm is None:
-            return self.final_norm(hidden)
-        return jnp.where(is_image[..., None], self.image_final_norm(hidden),
-                         self.final_norm(hidden))
+        return modality_norm(self.final_norm, self.image_final_norm, hidden, is_image)
 
     def mix_inputs(self, tokens, image_index, patch_emb) -> jax.Array:
         """Sequence inputs: token embeddings, replaced by patch embeddings at patches."""
