@@ -140,7 +140,7 @@ class ModelConfig(_Section):
     untied_tile: int = 128  # positions per routing tile (the most one row group wastes)
     # Unroll the loop over tiles (False: lax.scan, a smaller program when rows are long).
     # XLA's cost analysis counts a loop body once, so FLOP counts need it unrolled; on
-    # CPU the unrolled loop is also faster (shapes_tiny step 1.42x shared, scan 1.47x:
+    # CPU the unrolled loop is also faster (shapes_tiny step 1.54x shared, scan 2.04x:
     # benchmarks/untied_weights.py).
     untied_unroll: bool = True
     # --- numerics and memory ---
