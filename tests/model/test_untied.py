@@ -134,6 +134,7 @@ def test_tiled_routing_equals_per_position_select(monkeypatch, qk_norm, qkv_bias
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=str(path))
 
 
+@pytest.mark.slow  # suite time; the per-position select test covers the routing
 def test_image_twins_act_only_at_image_positions():
     """A row with no image computes exactly what the shared model with the text weights
     computes; rows with images do not (their twins differ)."""
